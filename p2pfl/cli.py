@@ -1,0 +1,162 @@
+"""The `p2pfl` command: parse arguments, call the layer below, map errors to exit codes.
+
+Exit codes: 0 success, 1 the run failed (a peer failed, an error), 2 bad scenario or
+arguments. Heavy modules are imported inside each command so `p2pfl peer` pays only
+for what a peer needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from p2pfl.scenario import Scenario, ScenarioError, load
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _scenario(path: Path | None, peer: int | None = None) -> Scenario:
+    return Scenario() if path is None else load(path, peer=peer)
+
+
+def _out(args: argparse.Namespace, s: Scenario) -> Path:
+    from p2pfl.launch import default_out
+
+    return Path(args.out) if args.out else default_out(s)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Run every peer of the scenario on this machine."""
+    from rich.console import Console
+
+    from p2pfl.launch import launch
+
+    s = _scenario(args.scenario)
+    out = _out(args, s)
+    console = Console()
+    summary = launch(s, args.scenario, out, console)
+    acc = summary["final_holdout_accuracy"]
+    console.print(
+        f"[bold]{s.name}[/]: {len(summary['completed_peers'])}/{summary['peers']} peers completed "
+        f"{summary['rounds']} rounds in {summary['wall_s']:.1f} s; final holdout accuracy "
+        + (
+            f"mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})"
+            if acc["mean"] is not None
+            else "n/a"
+        )
+    )
+    if summary["failed_peers"]:
+        console.print(f"[red]failed peers: {summary['failed_peers']}[/] (see {out / 'logs'})")
+    console.print(f"run folder: {out}")
+    return EXIT_FAILED if summary["failed_peers"] else EXIT_OK
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    """Run one peer (one per host in a real deployment)."""
+    from p2pfl import _runtime
+
+    s = _scenario(args.scenario, peer=args.id)
+    if not 0 <= args.id < s.peers:
+        raise ScenarioError(f"--id {args.id}: the scenario has peers 0..{s.peers - 1}")
+    out = _out(args, s)
+    _runtime.limit_threads()
+    from p2pfl import logs
+
+    logs.configure(out / "logs" / f"peer-{args.id}.jsonl", args.log_level)
+    _runtime.enable_compile_cache()
+    from p2pfl.peer import run_peer
+
+    try:
+        run_peer(s, args.id, out)
+    except Exception:
+        import structlog
+
+        structlog.get_logger().exception("peer_failed", peer=args.id)
+        raise
+    return EXIT_OK
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    """Print (or draw) the scenario's graph and its mixing figures."""
+    from p2pfl.topology import build_graph, report
+
+    s = _scenario(args.scenario)
+    g = build_graph(s.topology, s.seed, s.base_dir)
+    rep = report(g, s.gossip.mixing)
+    if args.json:
+        print(json.dumps(asdict(rep)))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(
+            "figure", "value", title=f"{s.name}: {s.topology.kind}, {s.gossip.mixing} mixing"
+        )
+        rows = {
+            "peers": rep.peers,
+            "edges": len(rep.edges),
+            "degree min/max": f"{rep.degree_min}/{rep.degree_max}",
+            "diameter": rep.diameter,
+            "λ (second-largest eigenvalue modulus)": f"{rep.slem:.4f}",
+            "spectral gap 1-λ": f"{rep.spectral_gap:.4f}",
+            f"rounds to consensus (λ^R < {rep.consensus_tolerance:g})": rep.rounds_to_consensus,
+        }
+        for k, v in rows.items():
+            table.add_row(k, str(v))
+        Console().print(table)
+        if len(rep.edges) <= 64:
+            print("edges:", " ".join(f"{a}-{b}" for a, b in rep.edges))
+    if args.png:
+        from p2pfl.plots import topology_plot
+
+        topology_plot(g, Path(args.png), f"{s.name}: {s.topology.kind} (λ = {rep.slem:.3f})")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p2pfl", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def scenario_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "scenario",
+            nargs="?",
+            type=Path,
+            default=None,
+            help="scenario TOML file (default: the built-in quickstart settings)",
+        )
+
+    q = sub.add_parser("launch", help="run every peer of a scenario on this machine")
+    scenario_arg(q)
+    q.add_argument("--out", help="run folder (default: runs/<name>/gossip)")
+    q.set_defaults(func=cmd_launch)
+
+    q = sub.add_parser("peer", help="run one peer of a scenario")
+    scenario_arg(q)
+    q.add_argument("--id", type=int, required=True, help="this peer's id, 0..peers-1")
+    q.add_argument("--out", help="run folder (default: runs/<name>/gossip)")
+    q.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    q.set_defaults(func=cmd_peer)
+
+    q = sub.add_parser("topology", help="print a scenario's graph and its spectral figures")
+    scenario_arg(q)
+    q.add_argument("--json", action="store_true", help="print JSON for machines")
+    q.add_argument("--png", help="also draw the graph to this PNG file")
+    q.set_defaults(func=cmd_topology)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `p2pfl` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ScenarioError as exc:
+        print(f"p2pfl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("p2pfl: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Learning: datasets, partitioners, JAX models and the optax trainer. Knows no sockets."""

@@ -1,0 +1,102 @@
+"""A peer's learning set-up from the scenario: its data shard, model, trainer, first state."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p2pfl.learning import datasets, partition
+from p2pfl.learning.models import make_model
+from p2pfl.learning.trainer import Trainer, TrainState, make_optimizer, make_trainer
+from p2pfl.scenario import Scenario
+
+
+class LocalData(NamedTuple):
+    """A peer's own train/test split and the common holdout (device arrays)."""
+
+    x_train: jax.Array
+    y_train: jax.Array
+    x_test: jax.Array
+    y_test: jax.Array
+    x_holdout: jax.Array | None
+    y_holdout: jax.Array | None
+
+
+class Local(NamedTuple):
+    """What one peer trains: data, trainer and initial state."""
+
+    data: LocalData
+    trainer: Trainer
+    state: TrainState
+    n_classes: int
+
+
+def load_dataset(s: Scenario, peer_id: int) -> datasets.Dataset:
+    """The whole dataset the scenario names (for npz: this peer's own file)."""
+    d = s.data
+    if d.dataset == "digits":
+        return datasets.digits()
+    if d.dataset == "mnist5k":
+        return datasets.mnist5k()
+    if d.dataset == "synthetic":
+        return datasets.synthetic(
+            d.synthetic_samples, d.synthetic_features, d.synthetic_classes, s.seed
+        )
+    return datasets.npz(s.resolve(d.path.format(id=peer_id)))
+
+
+def peer_data(s: Scenario, peer_id: int) -> tuple[LocalData, datasets.Dataset]:
+    """This peer's shard (derived from dataset, partition, seed and id) and the holdout."""
+    ds = load_dataset(s, peer_id)
+    d = s.data
+    if d.dataset == "npz":
+        train, test = partition.train_test(
+            np.arange(len(ds.y)), d.peer_test_fraction, s.seed, peer_id
+        )
+        if d.holdout is not None:
+            hold = datasets.npz(s.resolve(d.holdout), ds.n_classes)
+            xh, yh = jnp.asarray(hold.x), jnp.asarray(hold.y)
+        else:
+            xh = yh = None
+    else:
+        split = partition.split(
+            ds.y, s.peers, d.partition, s.seed, d.test_fraction, d.alpha, d.shards_per_peer
+        )
+        train, test = partition.train_test(
+            split.shards[peer_id], d.peer_test_fraction, s.seed, peer_id
+        )
+        xh, yh = jnp.asarray(ds.x[split.holdout]), jnp.asarray(ds.y[split.holdout])
+    data = LocalData(
+        jnp.asarray(ds.x[train]),
+        jnp.asarray(ds.y[train]),
+        jnp.asarray(ds.x[test]),
+        jnp.asarray(ds.y[test]),
+        xh,
+        yh,
+    )
+    return data, ds
+
+
+def init_keys(s: Scenario, peer_id: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, training key): init is shared by all peers unless `init = per_peer`."""
+    base = jax.random.PRNGKey(s.seed)
+    init_key = jax.random.fold_in(base, peer_id) if s.model.init == "per_peer" else base
+    return init_key, jax.random.fold_in(jax.random.fold_in(base, 1_000_003), peer_id)
+
+
+def build(s: Scenario, peer_id: int) -> Local:
+    """Everything a peer needs to train, deterministic in (scenario, peer id)."""
+    data, ds = peer_data(s, peer_id)
+    model = make_model(s.model.kind, ds.x.shape[1], ds.n_classes, s.model.hidden, ds.image_shape)
+    t = s.training
+    trainer = make_trainer(
+        model,
+        make_optimizer(t.optimizer, t.learning_rate),
+        int(data.x_train.shape[0]),
+        t.batch_size,
+        t.local_epochs,
+    )
+    return Local(data, trainer, trainer.init(*init_keys(s, peer_id)), ds.n_classes)

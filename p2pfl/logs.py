@@ -1,0 +1,32 @@
+"""structlog set-up: one JSON line per event, to a file per process, with bound context."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import structlog
+
+
+def configure(path: Path | None = None, level: str = "info") -> None:
+    """Send this process's structlog events as JSON lines to `path` (stderr if None)."""
+    stream: TextIO
+    if path is None:
+        stream = sys.stderr
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stream = path.open("a", buffering=1)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,150 @@
+"""Shared fixtures: scenario files in tmp dirs, free loopback ports, launched runs cleaned up."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A minimal TOML writer for the flat sections scenario files use."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    sections = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+        for k, v in data.items()
+        if isinstance(v, dict)
+    ]
+    return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def free_base_port(count: int) -> int:
+    """A base port such that base..base+count-1 are all free on 127.0.0.1 right now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count >= 65000:
+            continue
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Section-wise merge of scenario dicts."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            out.setdefault(k, {}).update(v)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.fixture
+def make_scenario(tmp_path: Path):
+    """Write a scenario (quickstart overridden section-wise) on free ports; return its path."""
+
+    def make(overrides: dict[str, Any] | None = None, base: str = "quickstart") -> Path:
+        raw = tomllib.loads((ROOT / "scenarios" / f"{base}.toml").read_text())
+        data = merge(raw, overrides or {})
+        peers = data.get("topology", {}).get("peers", 8)
+        data = merge(data, {"network": {"base_port": free_base_port(peers)}})
+        path = tmp_path / f"{data.get('name', 'scenario')}.toml"
+        path.write_text(to_toml(data))
+        return path
+
+    return make
+
+
+class Run:
+    """A `p2pfl launch` subprocess in its own process group, always cleaned up."""
+
+    def __init__(self, scenario: Path, out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pfl", "launch", str(scenario), "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """Exit code and output; kills the whole group if it overruns."""
+        try:
+            output, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        return self.proc.returncode, output.decode(errors="replace")
+
+    def peer_processes(self) -> list[psutil.Process]:
+        """Live processes (any parent) running a peer of this run."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "peer" in cmd and str(self.out) in cmd:
+                found.append(p)
+        return found
+
+    def kill(self) -> None:
+        """Kill the launcher's process group and any peer left behind."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for p in self.peer_processes():
+            p.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def launch_run(tmp_path: Path) -> Iterator[Any]:
+    """Start `p2pfl launch` runs; every one is killed at teardown, pass or fail."""
+    runs: list[Run] = []
+
+    def start(scenario: Path, name: str = "run") -> Run:
+        run = Run(scenario, tmp_path / name)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.kill()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Parsed JSON lines of a file (empty if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,135 @@
+"""End-to-end runs: real peer processes on loopback, launched as a user would."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from conftest import read_jsonl
+
+from p2pfl.scenario import load
+from p2pfl.topology import build_graph, mixing_matrix, slem
+
+RECORD_FIELDS = {
+    "round",
+    "train_loss",
+    "test_accuracy",
+    "holdout_accuracy",
+    "bytes_sent",
+    "bytes_received",
+    "train_s",
+    "comm_s",
+    "wait_s",
+    "neighbours_heard",
+    "disagreement",
+}
+SUMMARY_FIELDS = {
+    "scenario",
+    "mode",
+    "peers",
+    "rounds",
+    "completed_peers",
+    "failed_peers",
+    "final_holdout_accuracy",
+    "bytes_sent_total",
+    "bytes_sent_busiest",
+    "wall_s",
+}
+
+
+def wait_for_round(path, round_, timeout):
+    """Block until a peer history shows `round_`, or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = read_jsonl(path)
+        if rows and rows[-1]["round"] >= round_:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{path} never reached round {round_}")
+
+
+def test_quickstart_reaches_accuracy_and_writes_run_folder(make_scenario, launch_run):
+    """The quickstart completes on 8 peers with mean holdout accuracy >= 0.95 and a run folder."""
+    scenario = make_scenario()
+    run = launch_run(scenario)
+    rc, output = run.wait(timeout=240)
+    assert rc == 0, output
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_FIELDS
+    assert summary["completed_peers"] == list(range(8)) and summary["failed_peers"] == []
+    assert summary["final_holdout_accuracy"]["mean"] >= 0.95, summary
+    rounds = load(scenario).training.rounds
+    for i in range(8):
+        rows = read_jsonl(run.out / f"peer-{i}.jsonl")
+        assert [r["round"] for r in rows] == list(range(rounds + 1))
+        assert set(rows[-1]) >= RECORD_FIELDS
+        assert all(
+            sorted(r["neighbours_heard"]) == sorted({(i - 1) % 8, (i + 1) % 8}) for r in rows[1:]
+        )
+        params = np.load(run.out / "models" / f"peer-{i}.npz")["params"]
+        assert params.dtype == np.float32 and params.ndim == 1
+        events = read_jsonl(run.out / "logs" / f"peer-{i}.jsonl")
+        assert not [e for e in events if e["event"] == "message_dropped"]  # no false alarms
+    assert (run.out / "accuracy.png").stat().st_size > 1000
+    assert run.peer_processes() == []
+
+
+def test_gossip_averaging_contracts_by_lambda_per_round(make_scenario, launch_run):
+    """lr = 0, per-peer init: disagreement after R rounds is within λ^R and the mean is kept."""
+    rounds = 12
+    scenario = make_scenario(
+        {
+            "name": "averaging",
+            "model": {"kind": "logreg", "init": "per_peer"},
+            "training": {"rounds": rounds, "learning_rate": 0.0, "optimizer": "sgd"},
+        }
+    )
+    run = launch_run(scenario)
+    rc, output = run.wait(timeout=180)
+    assert rc == 0, output
+    s = load(scenario)
+
+    from p2pfl.learning.local import build
+
+    x0 = np.stack([np.asarray(build(s, i).state.params) for i in range(s.peers)]).astype(np.float64)
+    xr = np.stack([np.load(run.out / "models" / f"peer-{i}.npz")["params"] for i in range(s.peers)])
+    mean0, mean_r = x0.mean(0), xr.astype(np.float64).mean(0)
+    lam = slem(mixing_matrix(build_graph(s.topology), "metropolis"))
+    assert math.isclose(lam, 1 / 3 + 2 / 3 * math.cos(2 * math.pi / s.peers), rel_tol=1e-9)
+    d0 = np.linalg.norm(x0 - mean0)
+    dr = np.linalg.norm(xr - mean_r)
+    assert dr <= lam**rounds * d0 * (1 + 1e-4) + 1e-4, (dr, lam**rounds * d0)
+    assert dr < 0.2 * d0  # the bound is not vacuous: the models really moved together
+    assert np.linalg.norm(mean_r - mean0) <= 1e-5 * np.linalg.norm(mean0)
+
+
+def test_killed_peer_does_not_stop_the_others(make_scenario, launch_run):
+    """SIGKILL of one peer of 8 mid-run: the other 7 finish every round, summary lists it failed."""
+    rounds = 1000  # long enough that the kill lands mid-run
+    scenario = make_scenario(
+        {
+            "name": "kill",
+            "model": {"kind": "logreg"},
+            "training": {"rounds": rounds, "local_epochs": 1},
+            "gossip": {"round_timeout_s": 1.0, "gone_after_rounds": 2},
+        }
+    )
+    run = launch_run(scenario)
+    wait_for_round(run.out / "peer-3.jsonl", 5, timeout=120)
+    victims = [p for p in run.peer_processes() if p.cmdline()[p.cmdline().index("--id") + 1] == "3"]
+    assert len(victims) == 1
+    victims[0].kill()
+    rc, output = run.wait(timeout=240)
+    assert rc == 1, output  # the launcher reports the failure
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["failed_peers"] == [3]
+    assert summary["completed_peers"] == [0, 1, 2, 4, 5, 6, 7]
+    for i in summary["completed_peers"]:
+        rows = read_jsonl(run.out / f"peer-{i}.jsonl")
+        assert rows[-1]["round"] == rounds
+    late = read_jsonl(run.out / "peer-2.jsonl")[-1]
+    assert late["neighbours_heard"] == [1] and late["neighbours_missing"] == [3]
+    assert run.peer_processes() == []
