@@ -38,6 +38,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     out = _out(args, s)
     console = Console()
     summary = launch(s, args.scenario, out, console)
+    console.line()
     acc = summary["final_holdout_accuracy"]
     console.print(
         f"[bold]{s.name}[/]: {len(summary['completed_peers'])}/{summary['peers']} peers completed "

@@ -192,7 +192,7 @@ class GossipPeer:
                 t=time.perf_counter() - self.t0,
             )
         )
-        self.log.info("round_done", round=round_, holdout_accuracy=hold_acc, heard=len(got))
+        self.log.info("round_done", holdout_accuracy=hold_acc, heard=len(got))
         return state
 
     def _update_liveness(self, got: dict[int, tuple[np.ndarray, int]]) -> None:
@@ -233,7 +233,9 @@ class GossipPeer:
             "peer_started", neighbours=self.neighbours, params=self.local.trainer.n_params
         )
         for r in range(1, self.s.training.rounds + 1):
+            structlog.contextvars.bind_contextvars(round=r)
             state = self._round(r, state)
+        structlog.contextvars.unbind_contextvars("round")
         models = self.out_dir / "models"
         models.mkdir(parents=True, exist_ok=True)
         tmp = models / f"peer-{self.id}.tmp.npz"

@@ -221,10 +221,32 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
             raise ScenarioError(
                 f"data.path = {s.data.path!r}: no npz file for peers {missing} (e.g. {first})"
             )
+    _check_pool(s)
     if s.data.holdout is not None and not s.resolve(s.data.holdout).is_file():
         raise ScenarioError(f"data.holdout = {s.data.holdout!r}: file does not exist")
     if s.model.kind == "cnn" and s.data.dataset not in ("digits", "mnist5k"):
         raise ScenarioError(
             f"model.kind = 'cnn' needs image data: data.dataset = {s.data.dataset!r} "
             "(allowed: 'digits', 'mnist5k')"
+        )
+
+
+_DATASET_SIZES = {"digits": 1797, "mnist5k": 5000}  # samples in the bundled datasets
+
+
+def _check_pool(s: Scenario) -> None:
+    """Every peer's shard must hold at least two samples (one to train, one to test)."""
+    from p2pfl.learning.partition import min_pool, pool_size
+
+    d = s.data
+    total = d.synthetic_samples if d.dataset == "synthetic" else _DATASET_SIZES.get(d.dataset)
+    if total is None:  # npz: each peer brings its own file
+        return
+    pool = pool_size(total, d.test_fraction)
+    need = min_pool(s.peers, d.partition, d.shards_per_peer)
+    if pool < need:
+        raise ScenarioError(
+            f"topology.peers = {s.peers}: data.dataset = {d.dataset!r} leaves {pool} samples "
+            f"outside the holdout (data.test_fraction = {d.test_fraction}), and the "
+            f"{d.partition!r} partition needs at least {need} to give each peer two"
         )

@@ -62,6 +62,16 @@ def shards(
     return [np.sort(np.concatenate([pieces[k] for k in order[p::peers]])) for p in range(peers)]
 
 
+def pool_size(n: int, test_fraction: float) -> int:
+    """How many of `n` samples remain for the peers' shards after the holdout."""
+    return n - round(n * test_fraction)
+
+
+def min_pool(peers: int, partition: Partition, shards_per_peer: int = 2) -> int:
+    """Fewest pool samples that give every peer at least two (one to train, one to test)."""
+    return max(2 * peers, peers * shards_per_peer) if partition == "shards" else 2 * peers
+
+
 def split(
     labels: np.ndarray,
     peers: int,
@@ -73,6 +83,12 @@ def split(
 ) -> Split:
     """The whole split; each peer takes `shards[its id]`."""
     pool, holdout = holdout_split(len(labels), test_fraction, seed)
+    need = min_pool(peers, partition, shards_per_peer)
+    if len(pool) < need:
+        raise ValueError(
+            f"{len(pool)} samples outside the holdout cannot give {peers} peers at least two "
+            f"each with the {partition!r} partition (need {need})"
+        )
     rng = np.random.default_rng([seed, 2])
     if partition == "iid":
         parts = iid(pool, peers, rng)
