@@ -1,6 +1,18 @@
 """p2pfl: decentralised federated learning; JAX peers gossip-average over ZeroMQ.
 
-Kept import-light on purpose: a peer process pays only for what it uses.
+The public surface is re-exported here, one name per line. It stays import-light on
+purpose: JAX, matplotlib and rich load only in the commands that use them.
 """
 
+from p2pfl.scenario import Scenario as Scenario
+from p2pfl.scenario import ScenarioError as ScenarioError
+from p2pfl.scenario import load as load_scenario
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Scenario",
+    "ScenarioError",
+    "__version__",
+    "load_scenario",
+]

@@ -191,9 +191,7 @@ def _join(
         raise WireError(f"a frame of {name!r} exceeds {MAX_FRAME_BYTES} bytes")
     need = dtype.itemsize * math.prod(shape)
     if sum(sizes) != need:
-        raise WireError(
-            f"{name!r} carries {sum(sizes)} bytes, its shape needs {need}"
-        )
+        raise WireError(f"{name!r} carries {sum(sizes)} bytes, its shape needs {need}")
     if any(s % dtype.itemsize for s in sizes):
         raise WireError(f"a frame of {name!r} splits an element")
     if len(frames) == 1:

@@ -80,11 +80,14 @@ def peer_data(s: Scenario, peer_id: int) -> tuple[LocalData, datasets.Dataset]:
     return data, ds
 
 
-def init_keys(s: Scenario, peer_id: int) -> tuple[jax.Array, jax.Array]:
-    """(init key, training key): init is shared by all peers unless `init = per_peer`."""
-    base = jax.random.PRNGKey(s.seed)
-    init_key = jax.random.fold_in(base, peer_id) if s.model.init == "per_peer" else base
-    return init_key, jax.random.fold_in(jax.random.fold_in(base, 1_000_003), peer_id)
+SHARED_INIT_STREAM = 2**31 - 1  # PRNG stream of the shared initial model
+TRAIN_STREAM_BASE = 2**30  # peer i shuffles with stream TRAIN_STREAM_BASE + i
+
+
+def random_streams(s: Scenario, peer_id: int) -> tuple[int, int]:
+    """(init stream, training stream): init is shared by all peers unless `init = per_peer`."""
+    init = peer_id if s.model.init == "per_peer" else SHARED_INIT_STREAM
+    return init, TRAIN_STREAM_BASE + peer_id
 
 
 def build(s: Scenario, peer_id: int) -> Local:
@@ -99,4 +102,4 @@ def build(s: Scenario, peer_id: int) -> Local:
         t.batch_size,
         t.local_epochs,
     )
-    return Local(data, trainer, trainer.init(*init_keys(s, peer_id)), ds.n_classes)
+    return Local(data, trainer, trainer.init(s.seed, *random_streams(s, peer_id)), ds.n_classes)
