@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false"
 
 
 def limit_threads() -> None:

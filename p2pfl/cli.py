@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -77,7 +78,11 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
         structlog.get_logger().exception("peer_failed", peer=args.id)
         raise
-    return EXIT_OK
+    # Every file is closed and every socket flushed by now; skipping the interpreter's
+    # and XLA's teardown saves each peer process about half a second of CPU.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_OK)
 
 
 def cmd_topology(args: argparse.Namespace) -> int:

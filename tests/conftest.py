@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,14 +111,24 @@ class Run:
             raise
         return self.proc.returncode, output.decode(errors="replace")
 
+    def peer_pids(self) -> dict[int, int]:
+        """Peer id -> pid, from the `pids.json` the launcher writes (empty before it exists)."""
+        path = self.out / "pids.json"
+        if not path.exists():
+            return {}
+        return {int(k): v for k, v in json.loads(path.read_text()).items()}
+
     def peer_processes(self) -> list[psutil.Process]:
-        """Live processes (any parent) running a peer of this run."""
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if "peer" in cmd and str(self.out) in cmd:
-                found.append(p)
-        return found
+        """This run's peer processes that are still alive (zombies count as gone)."""
+        alive = []
+        for pid in self.peer_pids().values():
+            try:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+        return alive
 
     def kill(self) -> None:
         """Kill the launcher's process group and any peer left behind."""
@@ -148,3 +159,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_round(run, peer, round_, timeout):
+    """Block until a peer's history shows `round_`; fail at once if the launcher exits."""
+    path = run.out / f"peer-{peer}.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.proc.poll() is None:
+        rows = read_jsonl(path)
+        if rows and rows[-1]["round"] >= round_:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"peer {peer} never reached round {round_} (launcher exit {run.proc.poll()})")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import os
+import signal
 
 import numpy as np
-import pytest
-from conftest import read_jsonl
+import psutil
+from conftest import read_jsonl, wait_for_round
 
 from p2pfl.scenario import load
 from p2pfl.topology import build_graph, mixing_matrix, slem
@@ -38,17 +39,6 @@ SUMMARY_FIELDS = {
     "bytes_sent_busiest",
     "wall_s",
 }
-
-
-def wait_for_round(path, round_, timeout):
-    """Block until a peer history shows `round_`, or fail the test."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = read_jsonl(path)
-        if rows and rows[-1]["round"] >= round_:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"{path} never reached round {round_}")
 
 
 def test_quickstart_reaches_accuracy_and_writes_run_folder(make_scenario, launch_run):
@@ -118,10 +108,9 @@ def test_killed_peer_does_not_stop_the_others(make_scenario, launch_run):
         }
     )
     run = launch_run(scenario)
-    wait_for_round(run.out / "peer-3.jsonl", 5, timeout=120)
-    victims = [p for p in run.peer_processes() if p.cmdline()[p.cmdline().index("--id") + 1] == "3"]
-    assert len(victims) == 1
-    victims[0].kill()
+    wait_for_round(run, 3, 5, timeout=120)
+    victim = psutil.Process(run.peer_pids()[3])
+    victim.kill()
     rc, output = run.wait(timeout=240)
     assert rc == 1, output  # the launcher reports the failure
     summary = json.loads((run.out / "summary.json").read_text())
@@ -133,3 +122,16 @@ def test_killed_peer_does_not_stop_the_others(make_scenario, launch_run):
     late = read_jsonl(run.out / "peer-2.jsonl")[-1]
     assert late["neighbours_heard"] == [1] and late["neighbours_missing"] == [3]
     assert run.peer_processes() == []
+
+
+def test_ctrl_c_stops_every_peer_and_still_writes_a_summary(make_scenario, launch_run):
+    """SIGINT to the launcher's group: exit 130, no peer left running, summary.json written."""
+    scenario = make_scenario({"name": "interrupt", "training": {"rounds": 100000}})
+    run = launch_run(scenario)
+    wait_for_round(run, 0, 3, timeout=120)
+    os.killpg(run.proc.pid, signal.SIGINT)
+    rc, output = run.wait(timeout=60)
+    assert rc == 130, output
+    assert run.peer_processes() == []
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["completed_peers"] == [] and len(summary["failed_peers"]) == 8
