@@ -1,15 +1,21 @@
 """Gossip maths: one round's mixing of the models that arrived, as a pure function.
 
 Kept apart from the loop that moves bytes so tests (and a future in-process backend)
-can use it without sockets.
+can use it without sockets. Received models come as `wire.Chunked` (read-only views on
+the frames they arrived in, never joined into one array: see `wire`) or as plain
+arrays; `mix` reads each one once, chunk by chunk, into float64 accumulators.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import numpy as np
+
+from p2pfl.wire import Chunked
+
+Model = np.ndarray | Chunked  # a flat parameter vector, joined or as received
 
 
 class Mixed(NamedTuple):
@@ -19,17 +25,41 @@ class Mixed(NamedTuple):
     disagreement: float  # ||own - mean(own and received)||, before mixing
 
 
-def mix(own: np.ndarray, received: Mapping[int, np.ndarray], weights: Mapping[int, float]) -> Mixed:
+def _pieces(x: Model, size: int) -> Iterable[tuple[slice, np.ndarray]]:
+    """(where in the flat vector, values) for each chunk of a model of `size` elements."""
+    chunks = x.chunks if isinstance(x, Chunked) else (np.ravel(x),)
+    if sum(c.size for c in chunks) != size:
+        raise ValueError(f"a received model has {x.size} elements, ours has {size}")
+    start = 0
+    for c in chunks:
+        yield slice(start, start + c.size), c
+        start += c.size
+
+
+def mix(own: np.ndarray, received: Mapping[int, Model], weights: Mapping[int, float]) -> Mixed:
     """x_i <- w_ii x_i + sum_j w_ij x_j over the neighbours heard this round.
 
     A neighbour not heard from leaves its weight with the peer itself (w_ii = 1 - sum
     of the heard weights), so each row still sums to one and, when both ends of an
-    edge miss each other, the network mean is preserved.
+    edge miss each other, the network mean is preserved. Sums are kept in float64 and
+    each received model is read once, chunk by chunk, with one chunk-sized scratch
+    buffer: no received model is ever joined or copied whole.
     """
-    acc = own.astype(np.float64) * (1.0 - sum(weights[j] for j in received))
-    total = own.astype(np.float64)
+    flat = np.ravel(own)
+    acc = flat.astype(np.float64)  # becomes w_ii x_i + sum_j w_ij x_j
+    acc *= 1.0 - sum(weights[j] for j in received)
+    total = flat.astype(np.float64)  # becomes x_i + sum_j x_j
+    scratch = np.empty(0)
     for j, x in received.items():
-        acc += weights[j] * x
-        total += x
-    mean = total / (1 + len(received))
-    return Mixed(acc.astype(np.float32), float(np.linalg.norm(own - mean)))
+        w = weights[j]
+        for where, chunk in _pieces(x, flat.size):
+            if scratch.size < chunk.size:
+                scratch = np.empty(chunk.size)
+            tmp = scratch[: chunk.size]
+            np.multiply(chunk, w, out=tmp, dtype=np.float64)  # w_ij x_j, in float64
+            acc[where] += tmp
+            total[where] += chunk
+    total /= 1 + len(received)  # the local mean
+    total -= flat
+    disagreement = float(np.linalg.norm(total))
+    return Mixed(acc.astype(np.float32).reshape(own.shape), disagreement)

@@ -23,6 +23,7 @@ class RoundRecord:
     eval_s: float
     comm_s: float
     wait_s: float
+    cpu_s: float  # CPU time of this process in the round (round 0: all of start-up)
     neighbours_heard: list[int]
     neighbours_missing: list[int]
     disagreement: float | None

@@ -27,6 +27,7 @@ from p2pfl.topology import build_graph, local_weights
 from p2pfl.transport import Transport
 
 MAX_ROUNDS_AHEAD = 2  # models for rounds further ahead than this are dropped
+MAX_DRAIN = 256  # messages read without waiting per round: a flood cannot stall the loop
 log = structlog.get_logger()
 
 
@@ -107,19 +108,21 @@ class GossipPeer:
     def _gather(self, round_: int, deadline: float) -> tuple[int, float]:
         """Receive until every expected neighbour's round model is in or the deadline passes.
 
+        Whatever is already queued is read too, even when nobody is waited for, so a
+        neighbour that was given up on is heard (and taken back) as soon as it speaks.
         Returns (bytes received, seconds spent blocked in poll).
         """
         waiting = {j for j, m in self.misses.items() if m < self.s.gossip.gone_after_rounds}
-        received, blocked = 0, 0.0
-        while waiting - self.inbox.heard(round_):
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
+        received, blocked, drained = 0, 0.0, 0
+        while drained < MAX_DRAIN:
+            pending = waiting - self.inbox.heard(round_)
+            remaining = max(0.0, deadline - time.perf_counter()) if pending else 0.0
+            drained += remaining == 0.0
             t = time.perf_counter()
             frames = self.transport.recv(remaining)
             blocked += time.perf_counter() - t
             if frames is None:
-                break
+                return received, blocked
             received += sum(len(f) for f in frames)
             self._accept(frames, round_)
         return received, blocked
@@ -153,6 +156,7 @@ class GossipPeer:
 
     def _round(self, round_: int, state: object) -> object:
         trainer, d = self.local.trainer, self.local.data
+        cpu0 = time.process_time()
         t = time.perf_counter()
         state, loss = trainer.train(state, d.x_train, d.y_train)
         own = as_numpy(state.params)
@@ -186,6 +190,7 @@ class GossipPeer:
                 eval_s=eval_s,
                 comm_s=comm_s,
                 wait_s=wait_s,
+                cpu_s=time.process_time() - cpu0,
                 neighbours_heard=sorted(got),
                 neighbours_missing=sorted(set(self.neighbours) - set(got)),
                 disagreement=mixed.disagreement,
@@ -213,20 +218,21 @@ class GossipPeer:
         test_acc, hold_acc, eval_s = self._evaluate(state.params)
         self.history.write(
             RoundRecord(
-                0,
-                None,
-                test_acc,
-                hold_acc,
-                0,
-                0,
-                0.0,
-                eval_s,
-                0.0,
-                0.0,
-                [],
-                [],
-                None,
-                time.perf_counter() - self.t0,
+                round=0,
+                train_loss=None,
+                test_accuracy=test_acc,
+                holdout_accuracy=hold_acc,
+                bytes_sent=0,
+                bytes_received=0,
+                train_s=0.0,
+                eval_s=eval_s,
+                comm_s=0.0,
+                wait_s=0.0,
+                cpu_s=time.process_time(),
+                neighbours_heard=[],
+                neighbours_missing=[],
+                disagreement=None,
+                t=time.perf_counter() - self.t0,
             )
         )
         self.log.info(

@@ -46,14 +46,55 @@ class WireError(ValueError):
 
 
 @dataclass(frozen=True)
+class Chunked:
+    """A received, checked array kept as it arrived: read-only 1-D views on its frames.
+
+    The frames are deliberately not joined into one array: at 50 MB that join is a
+    fresh allocation (an mmap and a page fault per 4 KiB) plus a full copy on every
+    message, more than the rest of the receive path together. Consumers that read the
+    array once anyway (`gossip.mix`) walk `chunks` in order; `join()` (or
+    `np.asarray(x)`) gives one array of `shape` when one is really needed, without a
+    copy if the array arrived in a single frame.
+    """
+
+    chunks: tuple[np.ndarray, ...]  # in order; their sizes sum to prod(shape)
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The element type (every chunk has it)."""
+        return self.chunks[0].dtype
+
+    @property
+    def size(self) -> int:
+        """Number of elements over all chunks."""
+        return math.prod(self.shape)
+
+    def join(self) -> np.ndarray:
+        """One read-only array of `shape`: a view for one chunk, else a fresh copy."""
+        if len(self.chunks) == 1:
+            return self.chunks[0].reshape(self.shape)
+        out = np.concatenate(self.chunks).reshape(self.shape)
+        out.flags.writeable = False
+        return out
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        """`np.asarray(chunked)` and numpy functions see the joined array."""
+        if copy is False and len(self.chunks) > 1:
+            raise ValueError("an array received in several frames cannot be joined without a copy")
+        out = self.join()
+        return out if dtype is None else out.astype(dtype, copy=bool(copy))
+
+
+@dataclass(frozen=True)
 class Message:
-    """A decoded, checked message. `arrays` are read-only views on the frames."""
+    """A decoded, checked message. `arrays` hold each array as `Chunked` frame views."""
 
     type: str
     sender: int
     round: int
     meta: Mapping[str, Any] = field(default_factory=dict)
-    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    arrays: Mapping[str, Chunked] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,10 +224,22 @@ def _check_descriptor(d: Any, expect: Expect) -> tuple[str, np.dtype, tuple[int,
     return name, np.dtype(dtype), tuple(shape), nframes
 
 
-def _join(
-    frames: Sequence[Buffer], dtype: np.dtype, shape: tuple[int, ...], name: str
-) -> np.ndarray:
-    sizes = [len(memoryview(f).cast("B")) for f in frames]
+def _all_finite(chunk: np.ndarray) -> bool:
+    """True if no element of `chunk` is NaN, +Inf or -Inf.
+
+    One vectorised pass per frame-sized chunk (≤ 8 MiB) with a bool temporary a quarter
+    of its size. Measured against the alternatives on this kind of machine (2 cores,
+    data cold in cache as it is just after a receive): `min` + `max` are two passes and
+    slower cold, blockwise variants pay more in per-block calls than they save in cache
+    misses, and BLAS tricks (a dot product that turns NaN/Inf into a non-finite sum)
+    start threads that compete with ZeroMQ's I/O threads.
+    """
+    return bool(np.isfinite(chunk).all())
+
+
+def _split(frames: Sequence[Buffer], dtype: np.dtype, shape: tuple[int, ...], name: str) -> Chunked:
+    """Check one array's frames and return them as read-only views (no copy, no join)."""
+    sizes = [memoryview(f).nbytes for f in frames]
     if any(s > MAX_FRAME_BYTES for s in sizes):
         raise WireError(f"a frame of {name!r} exceeds {MAX_FRAME_BYTES} bytes")
     need = dtype.itemsize * math.prod(shape)
@@ -194,20 +247,14 @@ def _join(
         raise WireError(f"{name!r} carries {sum(sizes)} bytes, its shape needs {need}")
     if any(s % dtype.itemsize for s in sizes):
         raise WireError(f"a frame of {name!r} splits an element")
-    if len(frames) == 1:
-        array = np.frombuffer(frames[0], dtype=dtype)
-    else:
-        array = np.empty(math.prod(shape), dtype=dtype)
-        offset = 0
-        for f, size in zip(frames, sizes, strict=True):
-            array[offset // dtype.itemsize : (offset + size) // dtype.itemsize] = np.frombuffer(
-                f, dtype
-            )
-            offset += size
-    array = array.reshape(shape)
-    if not np.isfinite(array).all():
-        raise WireError(f"{name!r} contains NaN or Inf")
-    return array
+    chunks = []
+    for f in frames:
+        chunk = np.frombuffer(f, dtype=dtype)
+        chunk.flags.writeable = False
+        if not _all_finite(chunk):
+            raise WireError(f"{name!r} contains NaN or Inf")
+        chunks.append(chunk)
+    return Chunked(tuple(chunks), shape)
 
 
 def decode(frames: Sequence[Buffer], expect: Expect) -> Message:
@@ -218,7 +265,7 @@ def decode(frames: Sequence[Buffer], expect: Expect) -> Message:
         raise WireError(f"{len(frames)} frames, at most {expect.max_frames} expected")
     h = _unpack_header(frames[0])
     _check_header(h, expect)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Chunked] = {}
     cursor = 1
     for d in h["arrays"]:
         name, dtype, shape, nframes = _check_descriptor(d, expect)
@@ -227,7 +274,7 @@ def decode(frames: Sequence[Buffer], expect: Expect) -> Message:
         parts = frames[cursor : cursor + nframes]
         if len(parts) != nframes:
             raise WireError(f"message is truncated: {name!r} needs {nframes} frames")
-        arrays[name] = _join(parts, dtype, shape, name)
+        arrays[name] = _split(parts, dtype, shape, name)
         cursor += nframes
     if cursor != len(frames):
         raise WireError(f"{len(frames) - cursor} frames beyond those the header describes")

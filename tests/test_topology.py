@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -9,6 +10,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from p2pfl import wire
 from p2pfl.cli import main
 from p2pfl.gossip import mix
 from p2pfl.scenario import Topology
@@ -20,6 +22,7 @@ from p2pfl.topology import (
     report,
     slem,
 )
+from p2pfl.wire import Chunked
 
 # One topology of every kind, each with enough peers to be non-trivial.
 KINDS = {
@@ -272,6 +275,49 @@ def test_mix_disagreement_is_distance_to_local_mean():
     received = {1: np.array([2.0, 0.0], np.float32), 2: np.array([4.0, 3.0], np.float32)}
     out = mix(own, received, {1: 0.2, 2: 0.2})
     assert out.disagreement == pytest.approx(float(np.linalg.norm([2.0, 1.0])))
+
+
+def _in_chunks(x: np.ndarray, *cuts: int) -> Chunked:
+    """x as decode would hand it over if it had arrived cut at `cuts`."""
+    flat = x.ravel()
+    bounds = [0, *cuts, flat.size]
+    return Chunked(tuple(flat[a:b] for a, b in itertools.pairwise(bounds)), x.shape)
+
+
+def test_mix_of_chunked_models_equals_mix_of_joined_ones():
+    """Models received in several frames mix exactly as the same models joined would."""
+    rng = np.random.default_rng(7)
+    own = rng.normal(size=11).astype(np.float32)
+    received = {j: rng.normal(size=11).astype(np.float32) for j in (1, 2, 3)}
+    weights = {1: 0.2, 2: 0.25, 3: 0.1, 4: 0.2}
+    chunked = {1: _in_chunks(received[1], 4), 2: _in_chunks(received[2], 1, 5, 10), 3: received[3]}
+    a, b = mix(own, chunked, weights), mix(own, received, weights)
+    np.testing.assert_array_equal(a.params, b.params)
+    assert a.disagreement == b.disagreement
+    expected = 0.45 * own + 0.2 * received[1] + 0.25 * received[2] + 0.1 * received[3]  # 4 unheard
+    np.testing.assert_allclose(a.params, expected, rtol=1e-6)
+    mean = (own.astype(np.float64) + sum(received.values())) / 4
+    assert a.disagreement == pytest.approx(float(np.linalg.norm(own - mean)))
+
+
+def test_mix_of_a_decoded_multi_frame_model():
+    """A model decoded from several wire frames (never joined) mixes like the array it was."""
+    n = 2 * wire.MAX_FRAME_BYTES // 4 + 7
+    rng = np.random.default_rng(8)
+    own, theirs = rng.normal(size=(2, n)).astype(np.float32)
+    frames = wire.encode("model", 1, 1, "s", {"degree": 2}, {"params": theirs})
+    got = wire.decode(frames, wire.Expect("s", 1, {"params": (n,)})).arrays["params"]
+    assert len(got.chunks) == 3
+    out = mix(own, {1: got}, {1: 0.5})
+    np.testing.assert_array_equal(out.params, mix(own, {1: theirs}, {1: 0.5}).params)
+    np.testing.assert_allclose(out.params, (own + theirs) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_mix_refuses_a_model_of_another_size():
+    """A received model whose chunks do not add up to our size is a programming error."""
+    own = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="elements"):
+        mix(own, {1: _in_chunks(np.zeros(5, np.float32), 2)}, {1: 0.5})
 
 
 def _network_round(g: nx.Graph, x: np.ndarray, dropped: set[tuple[int, int]]) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import msgpack
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pfl import wire
-from p2pfl.wire import MAX_FRAME_BYTES, Expect, WireError, decode, encode
+from p2pfl.wire import MAX_FRAME_BYTES, Chunked, Expect, WireError, decode, encode
 
 SCENARIO = "0123456789abcdef"
 N = 10
@@ -80,11 +81,19 @@ def test_encode_does_not_copy_the_model():
 
 
 def test_decode_single_frame_is_zero_copy():
-    """A one-frame array is a read-only view on the received buffer."""
+    """A one-frame array is one read-only view on the received buffer; join() copies nothing."""
     buf = bytearray(np.ones(N, np.float32).tobytes())
     msg = decode([msgpack.packb(_header()), memoryview(buf)], EXPECT)
+    params = msg.arrays["params"]
+    assert isinstance(params, Chunked)
+    assert len(params.chunks) == 1
+    joined = params.join()
     buf[:4] = np.float32(7).tobytes()
-    assert msg.arrays["params"][0] == 7.0
+    assert params.chunks[0][0] == 7.0
+    assert joined[0] == 7.0
+    assert np.asarray(params, copy=False)[0] == 7.0
+    assert not params.chunks[0].flags.writeable
+    assert not joined.flags.writeable
 
 
 def test_large_model_split_into_frames_of_at_most_8_mib():
@@ -100,8 +109,39 @@ def test_large_model_split_into_frames_of_at_most_8_mib():
     assert header["arrays"][0]["frames"] == 3
     expect = Expect(SCENARIO, 7, {"params": (n,)})
     assert expect.max_frames == 4
-    msg = decode(_as_bytes(frames), expect)
-    np.testing.assert_array_equal(msg.arrays["params"], params)
+    received = _as_bytes(frames)
+    msg = decode(received, expect)
+    got = msg.arrays["params"]
+    assert (got.shape, got.size, got.dtype) == ((n,), n, np.float32)
+    np.testing.assert_array_equal(got.join(), params)
+    np.testing.assert_array_equal(got, params)  # np.asarray joins
+
+
+def test_multi_frame_array_is_not_joined():
+    """A multi-frame array comes back as read-only views on the received frames, in order."""
+    n = 2 * MAX_FRAME_BYTES // 4 + 3  # two full frames and a 12-byte one
+    params = np.arange(n, dtype=np.float32)
+    received = [bytearray(f) for f in encode("model", 1, 9, SCENARIO, arrays={"params": params})]
+    got = decode(received, Expect(SCENARIO, 7, {"params": (n,)})).arrays["params"]
+    assert [c.size for c in got.chunks] == [MAX_FRAME_BYTES // 4, MAX_FRAME_BYTES // 4, 3]
+    for chunk, frame in zip(got.chunks, received[1:], strict=True):
+        assert np.shares_memory(chunk, np.frombuffer(frame, np.uint8))
+        assert not chunk.flags.writeable
+    np.testing.assert_array_equal(np.concatenate(got.chunks), params)
+    joined = got.join()
+    assert not any(np.shares_memory(joined, c) for c in got.chunks)
+    assert not joined.flags.writeable
+    with pytest.raises(ValueError, match="without a copy"):
+        np.asarray(got, copy=False)
+
+
+def test_chunked_join_keeps_the_shape():
+    """join() gives the declared shape whether the array arrived in one chunk or several."""
+    a = np.arange(6, dtype=np.float32)
+    assert Chunked((a,), (2, 3)).join().shape == (2, 3)
+    two = Chunked((a[:4], a[4:]), (3, 2))
+    np.testing.assert_array_equal(two.join(), a.reshape(3, 2))
+    assert np.asarray(two, dtype=np.float64).dtype == np.float64
 
 
 def test_model_of_exactly_8_mib_is_one_frame():
@@ -256,6 +296,91 @@ def test_bad_input_raises_wire_error_with_reason(frames, expect, reason):
     with pytest.raises(WireError) as info:
         decode(frames, expect)
     assert reason in str(info.value), str(info.value)
+
+
+# ---- non-finite values: every position of every frame is read ----
+
+_MULTI_N = 2 * MAX_FRAME_BYTES // 4 + 5  # three frames: two full ones and a 20-byte one
+_MULTI = Expect(SCENARIO, 7, {"params": (_MULTI_N,)})
+_FRAME_N = MAX_FRAME_BYTES // 4
+_POSITIONS = {
+    "first element": 0,
+    "last of frame 1": _FRAME_N - 1,
+    "first of frame 2": _FRAME_N,
+    "middle of frame 2": _FRAME_N + _FRAME_N // 2,
+    "last of frame 2": 2 * _FRAME_N - 1,
+    "first of frame 3": 2 * _FRAME_N,
+    "last element": _MULTI_N - 1,
+}
+_NON_FINITE = {"NaN": np.nan, "-NaN": -np.nan, "+Inf": np.inf, "-Inf": -np.inf}
+
+
+@pytest.fixture(scope="module")
+def multi_frame_params() -> np.ndarray:
+    return np.random.default_rng(3).standard_normal(_MULTI_N, dtype=np.float32)
+
+
+@pytest.mark.parametrize("value", list(_NON_FINITE.values()), ids=list(_NON_FINITE))
+@pytest.mark.parametrize("pos", list(_POSITIONS.values()), ids=list(_POSITIONS))
+def test_non_finite_value_anywhere_in_a_multi_frame_array_is_refused(
+    multi_frame_params, pos, value
+):
+    """NaN, +Inf or -Inf at the edges of each frame or inside one: WireError."""
+    params = multi_frame_params.copy()
+    params[pos] = value
+    frames = encode("model", 1, 2, SCENARIO, arrays={"params": params})
+    assert len(frames) == 4
+    with pytest.raises(WireError, match="NaN or Inf"):
+        decode(frames, _MULTI)
+
+
+def test_multi_frame_template_is_accepted(multi_frame_params):
+    """The array the table above pokes holes in decodes when left alone."""
+    frames = encode("model", 1, 2, SCENARIO, arrays={"params": multi_frame_params})
+    np.testing.assert_array_equal(decode(frames, _MULTI).arrays["params"], multi_frame_params)
+
+
+def test_extreme_finite_values_are_accepted():
+    """The largest and smallest float32 values (and subnormals, and -0.0) are finite: kept."""
+    info = np.finfo(np.float32)
+    params = np.array(
+        [info.max, -info.max, info.max, info.tiny, info.smallest_subnormal, -0.0, 0, 1, 2, 3],
+        np.float32,
+    )
+    msg = decode(encode("model", 1, 2, SCENARIO, arrays={"params": params}), EXPECT)
+    np.testing.assert_array_equal(msg.arrays["params"], params)
+
+
+# Room for up to six frames of one small array: each extra expected array adds one.
+_SPLIT = Expect(SCENARIO, 7, {"params": (N,), **{f"pad{i}": (1,) for i in range(5)}})
+
+
+@st.composite
+def _split_with_a_non_finite(draw) -> list[bytes]:
+    """A 10-element model cut at random element boundaries, one value NaN or ±Inf."""
+    values = np.array(
+        draw(
+            st.lists(
+                st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=N, max_size=N
+            )
+        ),
+        np.float32,
+    )
+    pos = draw(st.integers(0, N - 1))
+    values[pos] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    cuts = sorted(draw(st.sets(st.integers(1, N - 1), max_size=5)))
+    bounds = [0, *cuts, N]
+    body = [values[a:b].tobytes() for a, b in itertools.pairwise(bounds)]
+    header = msgpack.packb(_header(arrays=[_desc(frames=len(body))]))
+    return [header, *body]
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(_split_with_a_non_finite())
+def test_non_finite_in_any_frame_of_any_split_is_refused(frames):
+    """However the array is cut into frames, a NaN or ±Inf in any of them is refused."""
+    with pytest.raises(WireError, match="NaN or Inf"):
+        decode(frames, _SPLIT)
 
 
 def test_bad_input_table_starts_from_a_good_message():

@@ -1,0 +1,59 @@
+"""Run every benchmark and print one table: metric, value, target, ratio.
+
+`python bench/run_all.py` runs transport, rounds, startup and memory one after the
+other (a few minutes in all) and prints the rows that have a target, then (with
+--full) each benchmark's whole table. Each benchmark is also a script of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory
+import rounds
+import startup
+import transport
+from _common import Row, add_quiet_arg, preamble, print_table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", help="also print each benchmark's own table")
+    add_quiet_arg(p)
+    args = p.parse_args()
+    pre = preamble(args.wait_quiet)
+
+    sections: list[tuple[str, list[Row], list[str]]] = []
+    t0 = time.perf_counter()
+    sections.append(("transport", transport.run(), []))
+    sections.append(("rounds", *rounds.run()))
+    sections.append(("startup", *startup.run()))
+    sections.append(("memory", *memory.run()))
+    elapsed = time.perf_counter() - t0
+
+    if args.full:
+        for name, rows, notes in sections:
+            print_table(name, rows, notes)
+    summary = [
+        Row(f"{name}: {r.metric.strip()}", r.value, r.unit, r.target, r.better, r.note)
+        for name, rows, _ in sections
+        for r in rows
+        if r.target is not None
+    ]
+    print_table(
+        "p2pfl benchmarks (each figure measured in this run)",
+        summary,
+        [
+            *pre,
+            f"all benchmarks took {elapsed:.0f} s; ratio = value / target; "
+            "run a benchmark's own script for its breakdown rows",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

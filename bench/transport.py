@@ -1,0 +1,401 @@
+"""Our model-message path against raw pyzmq multipart over tcp on 127.0.0.1.
+
+Two processes: a receiver (spawned) and this one, the sender. For each model size and
+variant the sender pushes `n` messages as fast as the socket takes them and stops the
+clock when the receiver reports (over a pipe) that it has received — and, for ours,
+decoded and checked — all `n`. Throughput = n * model bytes / that time.
+
+Variants:
+- ours: `wire.encode` + `Transport.send` (PUSH, HWM 4, NOBLOCK: a full queue is waited
+  on with poll(POLLOUT) and the send retried, so nothing is dropped) -> `Transport.recv`
+  + `wire.decode` (header checks, frames joined, finiteness check).
+- raw 8 MiB frames: a PUSH/PULL pair, `send_multipart(copy=False)` of a msgpack-free
+  8-byte header and the same array in 8 MiB views; `recv_multipart(copy=False)`.
+- raw 1 frame: the same with the whole array as one frame (over 32 MiB for 50 MB).
+
+Trials of the variants are interleaved (ours, raw8, raw1, ours, ...) so a burst of
+load from other processes hits them alike. Throughputs are the best trial (noise only
+ever slows a trial down); ratios are the median over trial rounds of the ratio within
+a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Row, add_quiet_arg, fmt, preamble, print_table
+
+import p2pfl.transport
+from p2pfl import wire
+from p2pfl.transport import Transport
+
+MB = 1_000_000
+SIZES_MB = (1, 10, 50)
+CHUNK = 8 * 1024 * 1024
+VARIANTS = ("ours", "raw-8MiB", "raw-1frame")
+# --diagnose adds: ours without wire.decode on the receiver; ours with the sender's
+# high-water mark raised from transport.SEND_HWM to pyzmq's default (1000); and ours
+# with a bench-only prototype of a cheaper decode (see _proto_decode)
+DIAGNOSTIC = ("ours-nodecode", "ours-hwm1000", "ours-protodecode")
+CHECK_BLOCK = 1 << 18  # elements per finiteness check in the prototype (1 MiB, cache-hot)
+SCENARIO = "bench-transport"
+TARGET = 0.8
+
+
+def _n_messages(nbytes: int, budget_bytes: float) -> int:
+    return max(4, min(400, int(budget_bytes // nbytes)))
+
+
+def _expect(nbytes: int) -> wire.Expect:
+    return wire.Expect(SCENARIO, 1, {"params": (nbytes // 4,)})
+
+
+class _ProtoDecoder:
+    """Bench-only prototype of a cheaper `wire.decode`, to size a suggested change.
+
+    Same header checks (wire's own helpers), then one pass over the array frames:
+    finiteness is checked 1 MiB block by block on read-only views of the received
+    frames, and the frames are NOT joined into a fresh contiguous array (at 50 MB that
+    join is an mmap, page faults, a copy and a munmap per message). The caller gets the
+    model as a list of per-frame views; in p2pfl `gossip.mix` would accumulate them
+    frame by frame (it reads every received model once anyway).
+    """
+
+    def __init__(self, expect: wire.Expect) -> None:
+        self.expect = expect
+
+    def decode(self, frames: list[wire.Buffer]) -> tuple[int, dict[str, list[np.ndarray]]]:
+        h = wire._unpack_header(frames[0])
+        wire._check_header(h, self.expect)
+        arrays, cursor = {}, 1
+        for d in h["arrays"]:
+            name, dtype, shape, nframes = wire._check_descriptor(d, self.expect)
+            parts = [np.frombuffer(f, dtype) for f in frames[cursor : cursor + nframes]]
+            if len(parts) != nframes or sum(p.size for p in parts) != math.prod(shape):
+                raise wire.WireError("size mismatch")
+            for part in parts:
+                for j in range(0, part.size, CHECK_BLOCK):
+                    if not np.isfinite(part[j : j + CHECK_BLOCK]).all():
+                        raise wire.WireError("non-finite")
+            arrays[name] = parts
+            cursor += nframes
+        return h["round"], arrays
+
+
+# -- receiver process ------------------------------------------------------------------
+
+
+def _receiver(conn: Connection) -> None:
+    """Serve trials: (variant, nbytes, n) -> bind, report the address, receive n, report."""
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        variant, nbytes, n = job
+        if variant.startswith("ours"):
+            expect = _expect(nbytes)
+            t = Transport("tcp://127.0.0.1:*", {}, expect.max_frames, nbytes)
+            conn.send(t.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
+            proto = _ProtoDecoder(expect)
+            decode_s = 0.0
+            for i in range(n):
+                frames = t.recv(60.0)
+                if frames is None:
+                    raise RuntimeError("ours: no message within 60 s")
+                if variant == "ours-nodecode":
+                    if sum(len(f) for f in frames[1:]) != nbytes:
+                        raise RuntimeError("ours-nodecode: wrong size")
+                else:
+                    t_dec = time.perf_counter()
+                    if variant == "ours-protodecode":
+                        round_, _ = proto.decode(frames)
+                    else:
+                        round_ = wire.decode(frames, expect).round
+                    if i:
+                        decode_s += time.perf_counter() - t_dec
+                    if round_ != i:
+                        raise RuntimeError(f"ours: got round {round_}, expected {i}")
+                del frames
+                if i == 0:
+                    conn.send("first")
+            conn.send("done")
+            conn.send(decode_s / max(1, n - 1))
+            t.close()
+        else:
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.PULL)
+            sock.setsockopt(zmq.LINGER, 0)
+            port = sock.bind_to_random_port("tcp://127.0.0.1")
+            conn.send(f"tcp://127.0.0.1:{port}")
+            for i in range(n):
+                frames = sock.recv_multipart(copy=False)
+                if sum(len(f) for f in frames[1:]) != nbytes:
+                    raise RuntimeError("raw: wrong size")
+                del frames
+                if i == 0:
+                    conn.send("first")
+            conn.send("done")
+            conn.send(0.0)
+            sock.close()
+            ctx.term()
+
+
+# -- sender side -----------------------------------------------------------------------
+
+
+def _send_ours(
+    addr: str, array: np.ndarray, n: int, conn: Connection, send_hwm: int | None = None
+) -> float:
+    expect = _expect(array.nbytes)
+    saved = p2pfl.transport.SEND_HWM
+    if send_hwm is not None:
+        p2pfl.transport.SEND_HWM = send_hwm  # read when the PUSH sockets are made
+    try:
+        t = Transport("tcp://127.0.0.1:*", {1: addr}, expect.max_frames, array.nbytes)
+    finally:
+        p2pfl.transport.SEND_HWM = saved
+    try:
+        out = t.outboxes[1]
+        # warm: the first message also pays the TCP connect
+        frames = wire.encode("model", 0, 0, SCENARIO, {"degree": 2}, {"params": array})
+        while not t.send(1, frames):
+            out.poll(1000, zmq.POLLOUT)
+        _expect_msg(conn, "first")
+        start = time.perf_counter()
+        for i in range(1, n):
+            frames = wire.encode("model", 0, i, SCENARIO, {"degree": 2}, {"params": array})
+            while not t.send(1, frames):
+                out.poll(1000, zmq.POLLOUT)
+        _expect_msg(conn, "done")
+        return time.perf_counter() - start
+    finally:
+        t.close()
+
+
+def _send_raw(addr: str, array: np.ndarray, n: int, conn: Connection, chunk: int | None) -> float:
+    flat = memoryview(array).cast("B")
+    step = chunk or flat.nbytes
+    parts = [flat[i : i + step] for i in range(0, flat.nbytes, step)]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(addr)
+    try:
+        sock.send_multipart([(0).to_bytes(8, "little"), *parts], copy=False)
+        _expect_msg(conn, "first")
+        start = time.perf_counter()
+        for i in range(1, n):
+            sock.send_multipart([i.to_bytes(8, "little"), *parts], copy=False)
+        _expect_msg(conn, "done")
+        return time.perf_counter() - start
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _expect_msg(conn: Connection, what: str, timeout_s: float = 120.0) -> None:
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"receiver did not report {what!r} within {timeout_s:.0f} s")
+    got = conn.recv()
+    if got != what:
+        raise RuntimeError(f"receiver said {got!r}, expected {what!r}")
+
+
+def _trial(conn: Connection, variant: str, array: np.ndarray, n: int) -> tuple[float, float]:
+    """(bytes/s of the n-1 messages after a first (connect) one, receiver decode s/message)."""
+    conn.send((variant, array.nbytes, n))
+    addr = conn.recv()
+    if variant.startswith("ours"):
+        elapsed = _send_ours(addr, array, n, conn, 1000 if variant == "ours-hwm1000" else None)
+    else:
+        elapsed = _send_raw(addr, array, n, conn, CHUNK if variant == "raw-8MiB" else None)
+    return (n - 1) * array.nbytes / elapsed, conn.recv()
+
+
+def measure(
+    trials: int = 7, trial_mb: float = 150.0, variants: tuple[str, ...] = VARIANTS
+) -> dict[int, dict[str, list[tuple[float, float]]]]:
+    """size in MB -> variant -> (throughput bytes/s, decode s/message) of each trial."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_receiver, args=(child,), daemon=True)
+    proc.start()
+    results: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    try:
+        rng = np.random.default_rng(0)
+        for size in SIZES_MB:
+            array = rng.standard_normal(size * MB // 4).astype(np.float32)
+            n = _n_messages(array.nbytes, trial_mb * MB)
+            results[size] = {v: [] for v in variants}
+            for _ in range(trials):
+                for v in variants:
+                    results[size][v].append(_trial(parent, v, array, n))
+    finally:
+        parent.send(None)
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    return results
+
+
+def decode_cost(reps: int = 10) -> dict[int, dict[str, float]]:
+    """In-process seconds per message of `wire.decode` and of its two array passes."""
+    out = {}
+    rng = np.random.default_rng(1)
+    for size in SIZES_MB:
+        array = rng.standard_normal(size * MB // 4).astype(np.float32)
+        frames = [bytes(f) for f in wire.encode("model", 0, 1, SCENARIO, {}, {"params": array})]
+        expect = _expect(array.nbytes)
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        out[size] = {
+            "decode": best(lambda f=frames, e=expect: wire.decode(f, e)),
+            "isfinite": best(lambda a=array: np.isfinite(a).all()),
+            "alloc+copy": best(lambda a=array: a.copy()),
+            "frames": len(frames) - 1,
+        }
+    return out
+
+
+def rows(
+    results: dict[int, dict[str, list[tuple[float, float]]]],
+    decode: dict[int, dict[str, float]] | None = None,
+) -> list[Row]:
+    """Table rows: throughputs (best trial; median in the note) and the ratios asked for.
+
+    A ratio is the median over trial rounds of (variant / the better raw variant of the
+    same round): variants of one round run back to back, so load that comes and goes
+    hits both sides of a ratio alike.
+    """
+    out = []
+    for size, by in results.items():
+        tput = {v: [x[0] for x in trials] for v, trials in by.items()}
+        best = {v: max(x) for v, x in tput.items()}
+        med = {v: statistics.median(x) for v, x in tput.items()}
+        for v in by:
+            out.append(
+                Row(
+                    f"{size} MB {v} throughput",
+                    best[v] / 1e6,
+                    "MB/s",
+                    note=f"median {fmt(med[v] / 1e6)}, worst {fmt(min(tput[v]) / 1e6)}",
+                )
+            )
+        raw = max(("raw-8MiB", "raw-1frame"), key=med.__getitem__)
+
+        def paired(v: str, tput: dict[str, list[float]] = tput) -> float:
+            """Median over trials of v / the better raw variant of the same trial round."""
+            rounds = zip(tput[v], tput["raw-8MiB"], tput["raw-1frame"], strict=True)
+            return statistics.median(a / max(b, c) for a, b, c in rounds)
+
+        out.append(
+            Row(
+                f"{size} MB ours / best raw",
+                paired("ours"),
+                "x",
+                TARGET,
+                better="higher",
+                note="median of per-trial ratios; best-of-trials "
+                f"{best['ours'] / best[raw]:.2f}, medians "
+                f"{med['ours'] / med[raw]:.2f} (vs {raw})",
+            )
+        )
+        out.append(
+            Row(
+                f"{size} MB raw 1 frame / raw 8 MiB frames",
+                statistics.median(
+                    a / b for a, b in zip(tput["raw-1frame"], tput["raw-8MiB"], strict=True)
+                ),
+                "x",
+                note="median of per-trial ratios",
+            )
+        )
+        for v in ("ours", "ours-protodecode"):
+            if v in by:
+                live = statistics.median(x[1] for x in by[v])
+                per_msg = size * MB / med[v]
+                out.append(
+                    Row(
+                        f"{size} MB {v}: receiver time decoding",
+                        live * 1e3,
+                        "ms/msg",
+                        note=f"{live / per_msg * 100:.0f}% of its {per_msg * 1e3:.2f} "
+                        "ms/message (median trial)",
+                    )
+                )
+        if "ours-protodecode" in by:
+            out.append(
+                Row(
+                    f"{size} MB ours-protodecode / best raw",
+                    paired("ours-protodecode"),
+                    "x",
+                    TARGET,
+                    better="higher",
+                    note="bench-only prototype of the suggested decode, not p2pfl",
+                )
+            )
+        if decode and size in decode:
+            d = decode[size]
+            out.append(
+                Row(
+                    f"{size} MB wire.decode alone (in-process)",
+                    d["decode"] * 1e3,
+                    "ms",
+                    note=f"{d['frames']:.0f} frame(s); np.isfinite(a).all() "
+                    f"{d['isfinite'] * 1e3:.2f} ms, fresh array + copy "
+                    f"{d['alloc+copy'] * 1e3:.2f} ms",
+                )
+            )
+    return out
+
+
+def run(trials: int = 7, diagnose: bool = False) -> list[Row]:
+    """Measure and return the rows (for run_all)."""
+    variants = VARIANTS + DIAGNOSTIC if diagnose else VARIANTS
+    results = measure(trials, variants=variants)
+    return rows(results, decode_cost() if diagnose else None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=7)
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also run ours without decode, ours with SNDHWM 1000, and time decode",
+    )
+    add_quiet_arg(p)
+    args = p.parse_args()
+    notes = [
+        *preamble(args.wait_quiet),
+        "MB = 10^6 bytes; float32 model as one flat vector; "
+        "throughput = best trial, ratios = median of per-trial-round ratios; "
+        "ratio column = value / target",
+    ]
+    print_table(
+        "transport: model-message path vs raw pyzmq (tcp, 127.0.0.1, 2 processes)",
+        run(args.trials, args.diagnose),
+        notes,
+    )
+
+
+if __name__ == "__main__":
+    main()
