@@ -33,12 +33,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     """Run every peer of the scenario on this machine."""
     from rich.console import Console
 
-    from p2pfl.launch import launch
+    from p2pfl.launch import LaunchError, launch
 
     s = _scenario(args.scenario)
     out = _out(args, s)
     console = Console()
-    summary = launch(s, args.scenario, out, console)
+    try:
+        summary = launch(s, args.scenario, out, console)
+    except LaunchError as exc:
+        print(f"p2pfl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     console.line()
     acc = summary["final_holdout_accuracy"]
     console.print(

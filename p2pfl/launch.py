@@ -17,6 +17,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,30 @@ class _Tail:
         for line in chunk[:end].splitlines():
             self.rows.append(json.loads(line))
         self.offset += end
+
+
+class LaunchError(RuntimeError):
+    """The run cannot start on this machine (for instance a port is taken)."""
+
+
+def unusable_addresses(scenario: Scenario) -> list[str]:
+    """Peer addresses this machine cannot bind now, each with the reason.
+
+    Checked before anything starts, so a second run on the same ports fails at once
+    with a clear message instead of eight peers dying on `Address already in use`.
+    SO_REUSEADDR matches what ZeroMQ sets, so ports in TIME_WAIT do not count.
+    """
+    problems = []
+    for i in range(scenario.peers):
+        addr = scenario.address(i)
+        host, _, port = addr.removeprefix("tcp://").rpartition(":")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host.strip("[]"), int(port)))
+            except OSError as exc:
+                problems.append(f"peer {i} {addr}: {exc.strerror}")
+    return problems
 
 
 def default_out(scenario: Scenario, mode: str = "gossip") -> Path:
@@ -197,6 +222,12 @@ def launch(
     On Ctrl-C or SIGTERM every peer is stopped, the summary of what ran is still
     written, and the interruption propagates to the caller.
     """
+    problems = unusable_addresses(scenario)
+    if problems:
+        raise LaunchError(
+            "cannot bind the peers' addresses (another run on the same network.base_port?):\n  "
+            + "\n  ".join(problems)
+        )
     launcher = Launcher(scenario, scenario_path, out, console)
     t0 = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

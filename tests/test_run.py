@@ -135,3 +135,22 @@ def test_ctrl_c_stops_every_peer_and_still_writes_a_summary(make_scenario, launc
     assert run.peer_processes() == []
     summary = json.loads((run.out / "summary.json").read_text())
     assert summary["completed_peers"] == [] and len(summary["failed_peers"]) == 8
+
+
+def test_launch_refuses_ports_in_use(make_scenario, tmp_path, capfd):
+    """A port already taken stops the launch before any peer starts, naming the address."""
+    import socket
+
+    from p2pfl.cli import main
+
+    scenario = make_scenario({"name": "busy"})
+    s = load(scenario)
+    host, port = s.address(5).removeprefix("tcp://").split(":")
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        rc = main(["launch", str(scenario), "--out", str(tmp_path / "busy")])
+    assert rc == 1
+    err = capfd.readouterr().err
+    assert f"peer 5 {s.address(5)}" in err and "in use" in err
+    assert not (tmp_path / "busy" / "pids.json").exists()
