@@ -35,9 +35,9 @@ log = structlog.get_logger()
 class _Inbox:
     """Checked models waiting for their round, bounded by the rounds-ahead window."""
 
-    models: dict[int, dict[int, tuple[np.ndarray, int]]] = field(default_factory=dict)
+    models: dict[int, dict[int, tuple[wire.Chunked, int]]] = field(default_factory=dict)
 
-    def put(self, round_: int, sender: int, params: np.ndarray, degree: int) -> bool:
+    def put(self, round_: int, sender: int, params: wire.Chunked, degree: int) -> bool:
         slot = self.models.setdefault(round_, {})
         if sender in slot:
             return False
@@ -47,7 +47,7 @@ class _Inbox:
     def heard(self, round_: int) -> set[int]:
         return set(self.models.get(round_, {}))
 
-    def take(self, round_: int) -> dict[int, tuple[np.ndarray, int]]:
+    def take(self, round_: int) -> dict[int, tuple[wire.Chunked, int]]:
         for r in [r for r in self.models if r < round_]:
             del self.models[r]
         return self.models.pop(round_, {})
@@ -200,7 +200,7 @@ class GossipPeer:
         self.log.info("round_done", holdout_accuracy=hold_acc, heard=len(got))
         return state
 
-    def _update_liveness(self, got: dict[int, tuple[np.ndarray, int]]) -> None:
+    def _update_liveness(self, got: dict[int, tuple[wire.Chunked, int]]) -> None:
         limit = self.s.gossip.gone_after_rounds
         for j in self.neighbours:
             if j in got:
