@@ -89,7 +89,6 @@ def startup(scenario_path: str, peer_id: int, out: Path) -> None:
         s.address(peer_id),
         {j: s.address(j) for j in neighbours},
         expect.max_frames,
-        4 * trainer.n_params,
     )
     _emit("open sockets")
     float(trainer.evaluate(state.params, data.x_test, data.y_test)[0])
@@ -192,7 +191,7 @@ def overhead(scenario_path: str, reps: int) -> None:
     loc = build(s, 0)
     d, tr, state = loc.data, loc.trainer, loc.state
     expect = wire.Expect(s.digest(), s.peers - 1, {"params": (tr.n_params,)})
-    t = Transport("tcp://127.0.0.1:*", {}, expect.max_frames, 4 * tr.n_params)
+    t = Transport("tcp://127.0.0.1:*", {}, expect.max_frames)
     own_addr = t.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
     ctx = zmq.Context.instance()
     for j in (1, s.peers - 1):  # two "neighbours" whose outboxes lead to our own inbox

@@ -73,7 +73,7 @@ def _receiver(conn: Connection) -> None:
         variant, nbytes, n = job
         if variant.startswith("ours"):
             expect = _expect(nbytes)
-            t = Transport("tcp://127.0.0.1:*", {}, expect.max_frames, nbytes)
+            t = Transport("tcp://127.0.0.1:*", {}, expect.max_frames)
             conn.send(t.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
             decode_s = 0.0
             for i in range(n):
@@ -130,7 +130,7 @@ def _send_ours(
     if send_hwm is not None:
         p2pfl.transport.SEND_HWM = send_hwm  # read when the PUSH sockets are made
     try:
-        t = Transport("tcp://127.0.0.1:*", {1: addr}, expect.max_frames, array.nbytes)
+        t = Transport("tcp://127.0.0.1:*", {1: addr}, expect.max_frames)
     finally:
         p2pfl.transport.SEND_HWM = saved
     try:

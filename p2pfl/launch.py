@@ -68,7 +68,10 @@ class _Tail:
             chunk = f.read()
         end = chunk.rfind(b"\n") + 1
         for line in chunk[:end].splitlines():
-            self.rows.append(json.loads(line))
+            try:
+                self.rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a damaged line must not stop the watcher (history.read skips it too)
         self.offset += end
 
 
@@ -101,7 +104,16 @@ def default_out(scenario: Scenario, mode: str = "gossip") -> Path:
     return Path("runs") / scenario.name / mode
 
 
+RUN_MARKERS = ("pids.json", "summary.json")  # files only a p2pfl run folder has
+
+
 def _clean(out: Path) -> None:
+    """Remove an earlier run's files; refuse a non-empty folder that is not a run folder."""
+    if out.exists() and any(out.iterdir()) and not any((out / m).exists() for m in RUN_MARKERS):
+        raise LaunchError(
+            f"--out {out}: the folder is not empty and is not an earlier p2pfl run "
+            "(no pids.json or summary.json); choose another folder"
+        )
     for pattern in ("peer-*.jsonl", "summary.json", "accuracy.png", "pids.json"):
         for p in out.glob(pattern):
             p.unlink()
@@ -130,7 +142,6 @@ class Launcher:
 
     def start(self) -> None:
         """Spawn the peers, pinned round-robin to the cores this process may use."""
-        _clean(self.out)
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         _runtime.limit_threads()  # inherited by the forkserver, hence by every peer
         ctx = multiprocessing.get_context("forkserver")
@@ -228,6 +239,7 @@ def launch(
             "cannot bind the peers' addresses (another run on the same network.base_port?):\n  "
             + "\n  ".join(problems)
         )
+    _clean(out)
     launcher = Launcher(scenario, scenario_path, out, console)
     t0 = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

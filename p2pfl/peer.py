@@ -70,7 +70,6 @@ class GossipPeer:
             scenario.address(peer_id),
             {j: scenario.address(j) for j in self.neighbours},
             self.expect.max_frames,
-            4 * n_params,
         )
         self.inbox = _Inbox()
         self.misses = dict.fromkeys(self.neighbours, 0)
@@ -98,7 +97,7 @@ class GossipPeer:
             self._drop("model message without params", sender=msg.sender)
         elif msg.round > current + MAX_ROUNDS_AHEAD:
             self._drop("round too far ahead", sender=msg.sender, msg_round=msg.round)
-        elif not (isinstance(d := msg.meta.get("degree"), int) and 1 <= d < self.s.peers):
+        elif not (wire.is_int(d := msg.meta.get("degree")) and 1 <= d < self.s.peers):
             self._drop("meta.degree missing or out of range", sender=msg.sender)
         elif msg.round < current:
             self.log.debug("stale_model", sender=msg.sender, msg_round=msg.round)
@@ -174,7 +173,10 @@ class GossipPeer:
             self.s.gossip.mixing, self.degree, {j: g[1] for j, g in got.items()}
         )
         mixed = mix(own, {j: g[0] for j, g in got.items()}, weights)
-        state = trainer.with_params(state, mixed.params)
+        if np.isfinite(mixed.params).all():
+            state = trainer.with_params(state, mixed.params)
+        else:  # finite but huge neighbour values can overflow float32 when summed
+            self.log.error("mixed_model_not_finite", heard=sorted(got), kept="own model")
         comm_s = time.perf_counter() - t - wait_s
 
         test_acc, hold_acc, eval_s = self._evaluate(state.params)

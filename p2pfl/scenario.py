@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,7 @@ class ScenarioError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Topology(_Section):
@@ -59,7 +60,7 @@ class Data(_Section):
 
     dataset: Literal["digits", "mnist5k", "synthetic", "npz"] = "digits"
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
-    alpha: float = Field(0.5, gt=0.0)
+    alpha: float = Field(0.5, gt=0.0, le=1e4)
     shards_per_peer: int = Field(2, ge=1)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     peer_test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -68,6 +69,18 @@ class Data(_Section):
     synthetic_classes: int = Field(4, ge=2)
     path: str = "data/peer-{id}.npz"
     holdout: str | None = None
+    classes: int | None = Field(None, ge=2)  # npz: the label count every peer's model has
+
+    @field_validator("path")
+    @classmethod
+    def _only_id(cls, value: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid path template ({exc})") from None
+        if fields - {"id"}:
+            raise ValueError("the only placeholder allowed is {id}")
+        return value
 
 
 class Model(_Section):
@@ -128,6 +141,10 @@ class Network(_Section):
                 raise ValueError(
                     f"address {addr!r} must look like tcp://HOST:PORT with PORT in 1..65535"
                 )
+            if host.startswith("["):
+                raise ValueError(f"address {addr!r}: IPv6 is not supported yet")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("two peers cannot share one address")
         return value
 
 
@@ -135,7 +152,7 @@ class Scenario(_Section):
     """One experiment: everything a peer or the launcher needs to know."""
 
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)  # JAX PRNG and numpy seeds both take it
     mode: Literal["gossip"] = "gossip"
     topology: Topology = Field(default_factory=Topology)
     data: Data = Field(default_factory=Data)
@@ -221,6 +238,8 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
             raise ScenarioError(
                 f"data.path = {s.data.path!r}: no npz file for peers {missing} (e.g. {first})"
             )
+    if s.data.dataset == "npz":
+        _check_npz(s, range(n) if peer is None else [peer])
     _check_pool(s)
     if s.data.holdout is not None and not s.resolve(s.data.holdout).is_file():
         raise ScenarioError(f"data.holdout = {s.data.holdout!r}: file does not exist")
@@ -228,6 +247,41 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
         raise ScenarioError(
             f"model.kind = 'cnn' needs image data: data.dataset = {s.data.dataset!r} "
             "(allowed: 'digits', 'mnist5k')"
+        )
+
+
+def _check_npz(s: Scenario, ids: range | list[int]) -> None:
+    """Local files must agree with the scenario, or peers would build different models."""
+    import numpy as np
+
+    classes = s.data.classes
+    if classes is None:
+        raise ScenarioError(
+            "data.classes is missing: with data.dataset = 'npz' every peer must build the "
+            "same model, so the number of labels cannot come from each local file"
+        )
+    files = [("data.path", s.resolve(s.data.path.format(id=i))) for i in ids]
+    if s.data.holdout is not None and s.resolve(s.data.holdout).is_file():
+        files.append(("data.holdout", s.resolve(s.data.holdout)))
+    widths = set()
+    for field, path in files:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                x, y = f["x"], f["y"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise ScenarioError(
+                f"{field}: {path} is not an npz file with x and y ({exc})"
+            ) from None
+        if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] < 2:
+            raise ScenarioError(f"{field}: {path} needs x [n >= 2, features] and y [n]")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= classes:
+            raise ScenarioError(
+                f"{field}: {path} has labels outside 0..{classes - 1} (data.classes)"
+            )
+        widths.add(x.shape[1])
+    if len(widths) > 1:
+        raise ScenarioError(
+            f"data.path: the npz files disagree on the feature count {sorted(widths)}"
         )
 
 
@@ -242,6 +296,10 @@ def _check_pool(s: Scenario) -> None:
     total = d.synthetic_samples if d.dataset == "synthetic" else _DATASET_SIZES.get(d.dataset)
     if total is None:  # npz: each peer brings its own file
         return
+    if round(total * d.test_fraction) < 1:
+        raise ScenarioError(
+            f"data.test_fraction = {d.test_fraction}: the holdout of {total} samples would be empty"
+        )
     pool = pool_size(total, d.test_fraction)
     need = min_pool(s.peers, d.partition, d.shards_per_peer)
     if pool < need:

@@ -16,7 +16,7 @@ from p2pfl.wire import MAX_FRAME_BYTES, Buffer
 
 SEND_HWM = 4  # messages queued per neighbour before sends are dropped
 LINGER_MS = 2000  # on close, time allowed to flush the last round's models
-INBOX_BYTES = 256 * 1024 * 1024  # bound on what the inbox queues in ZeroMQ
+RECV_HWM = 16  # messages ZeroMQ queues per connection before it stops reading from it
 MAX_RECV_FRAME = 2 * MAX_FRAME_BYTES  # ZMQ drops the connection of a sender above this
 
 
@@ -28,14 +28,15 @@ class Transport:
         bind: str,
         neighbours: Mapping[int, str],
         max_frames: int,
-        message_bytes: int,
     ) -> None:
         self._ctx = zmq.Context()
         self._max_frames = max_frames
         self.inbox = self._ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.MAXMSGSIZE, MAX_RECV_FRAME)
-        self.inbox.setsockopt(zmq.RCVHWM, max(4, min(1000, INBOX_BYTES // max(1, message_bytes))))
+        # An honest neighbour has at most a few rounds of models in flight; beyond that
+        # ZeroMQ applies back-pressure to the sender instead of queueing more.
+        self.inbox.setsockopt(zmq.RCVHWM, RECV_HWM)
         self.inbox.bind(bind)
         self.outboxes: dict[int, zmq.Socket] = {}
         for peer_id, addr in neighbours.items():

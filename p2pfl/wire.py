@@ -198,22 +198,23 @@ def _unpack_header(frame: Buffer) -> dict[str, Any]:
     return header
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (msgpack and JSON both blur the two)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_header(h: dict[str, Any], expect: Expect) -> None:
     if set(h) != _HEADER_KEYS:
         raise WireError(f"header keys {sorted(map(str, h))} are not {sorted(_HEADER_KEYS)}")
-    if h["v"] != PROTOCOL_VERSION:
+    if not is_int(h["v"]) or h["v"] != PROTOCOL_VERSION:
         raise WireError(f"protocol version {h['v']!r} is not {PROTOCOL_VERSION}")
     if h["scenario"] != expect.scenario:
         raise WireError(f"scenario hash {h['scenario']!r} is not ours")
     if not isinstance(h["type"], str) or h["type"] not in MESSAGE_TYPES:
         raise WireError(f"unknown message type {h['type']!r}")
-    if not _is_int(h["sender"]) or not 0 <= h["sender"] <= expect.max_sender:
+    if not is_int(h["sender"]) or not 0 <= h["sender"] <= expect.max_sender:
         raise WireError(f"sender {h['sender']!r} is not a peer id in 0..{expect.max_sender}")
-    if not _is_int(h["round"]) or not 0 <= h["round"] <= MAX_ROUND:
+    if not is_int(h["round"]) or not 0 <= h["round"] <= MAX_ROUND:
         raise WireError(f"round {h['round']!r} is not a non-negative int")
     if not isinstance(h["meta"], dict):
         raise WireError("meta is not a map")
@@ -229,13 +230,13 @@ def _check_descriptor(d: Any, expect: Expect) -> tuple[str, np.dtype, tuple[int,
         raise WireError(f"unexpected array {name!r}")
     if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
         raise WireError(f"dtype {dtype!r} of {name!r} is not one of {sorted(ALLOWED_DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(x) for x in shape):
+    if not isinstance(shape, list) or not all(is_int(x) for x in shape):
         raise WireError(f"shape of {name!r} is not a list of ints")
     if tuple(shape) != tuple(expect.shapes[name]):
         raise WireError(
             f"shape {shape} of {name!r} does not match the model {list(expect.shapes[name])}"
         )
-    if not _is_int(nframes) or nframes < 1:
+    if not is_int(nframes) or nframes < 1:
         raise WireError(f"frame count {nframes!r} of {name!r} is not a positive int")
     return name, np.dtype(dtype), tuple(shape), nframes
 

@@ -49,6 +49,7 @@ def test_one_peer_command_per_host_with_npz_data(tmp_path, peer_procs):
                     "dataset": "npz",
                     "path": "data/peer-{id}.npz",
                     "holdout": "data/holdout.npz",
+                    "classes": 3,
                 },
                 "model": {"kind": "logreg"},
                 "training": {"rounds": 15, "learning_rate": 0.05},

@@ -154,3 +154,17 @@ def test_launch_refuses_ports_in_use(make_scenario, tmp_path, capfd):
     err = capfd.readouterr().err
     assert f"peer 5 {s.address(5)}" in err and "in use" in err
     assert not (tmp_path / "busy" / "pids.json").exists()
+
+
+def test_launch_refuses_to_clean_a_folder_that_is_not_a_run(make_scenario, tmp_path, capfd):
+    """`--out` pointing at a user's folder with other files is refused, and nothing is deleted."""
+    from p2pfl.cli import main
+
+    scenario = make_scenario({"name": "notarun"})
+    folder = tmp_path / "project"
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "precious.bin").write_bytes(b"keep me")
+    rc = main(["launch", str(scenario), "--out", str(folder)])
+    assert rc == 1
+    assert "not an earlier p2pfl run" in capfd.readouterr().err
+    assert (folder / "models" / "precious.bin").read_bytes() == b"keep me"

@@ -89,6 +89,18 @@ BAD = [
         ["data.path", "absent/peer-{id}.npz", "no npz file"],
     ),
     ("missing holdout file", '[data]\nholdout = "absent.npz"\n', ["data.holdout", "absent.npz"]),
+    ("negative seed", "seed = -1\n", ["seed", "-1"]),
+    ("seed beyond 31 bits", "seed = 2147483648\n", ["seed", "2147483648"]),
+    ("infinite timeout", "[gossip]\nround_timeout_s = inf\n", ["gossip.round_timeout_s", "inf"]),
+    ("nan learning rate", "[training]\nlearning_rate = nan\n", ["training.learning_rate"]),
+    ("huge alpha", "[data]\nalpha = 1e300\n", ["data.alpha"]),
+    ("unknown path placeholder", '[data]\npath = "d/{x}.npz"\n', ["data.path", "{id}"]),
+    (
+        "duplicate addresses",
+        '[topology]\npeers = 2\n[network]\naddresses = ["tcp://a:1", "tcp://a:1"]\n',
+        ["network.addresses", "share"],
+    ),
+    ("npz without classes", '[data]\ndataset = "npz"\npath = "absent/{id}.npz"\n', ["data."]),
     (
         "address without scheme",
         '[topology]\npeers = 2\n[network]\naddresses = ["localhost:5000", "localhost:5001"]\n',
@@ -286,9 +298,9 @@ def test_npz_dataset_with_files_present(tmp_path):
     """A per-peer npz dataset validates when every peer's file exists, relative to the file."""
     (tmp_path / "data").mkdir()
     for i in range(3):
-        np.savez(tmp_path / "data" / f"peer-{i}.npz", x=np.zeros((4, 2)), y=np.zeros(4))
+        np.savez(tmp_path / "data" / f"peer-{i}.npz", x=np.zeros((4, 2)), y=np.zeros(4, dtype=int))
     path = tmp_path / "npz.toml"
-    path.write_text('[topology]\npeers = 3\n[data]\ndataset = "npz"\n')
+    path.write_text('[topology]\npeers = 3\n[data]\ndataset = "npz"\nclasses = 2\n')
     s = load(path)
     assert s.resolve(s.data.path.format(id=2)).is_file()
 
@@ -296,9 +308,9 @@ def test_npz_dataset_with_files_present(tmp_path):
 def test_npz_peer_checks_only_its_own_file(tmp_path):
     """On a real host a peer needs only its own npz file; others may be absent."""
     (tmp_path / "data").mkdir()
-    np.savez(tmp_path / "data" / "peer-1.npz", x=np.zeros((4, 2)), y=np.zeros(4))
+    np.savez(tmp_path / "data" / "peer-1.npz", x=np.zeros((4, 2)), y=np.zeros(4, dtype=int))
     path = tmp_path / "npz.toml"
-    path.write_text('[topology]\npeers = 3\n[data]\ndataset = "npz"\n')
+    path.write_text('[topology]\npeers = 3\n[data]\ndataset = "npz"\nclasses = 2\n')
     assert load(path, peer=1).peers == 3
     with pytest.raises(ScenarioError, match=r"data\.path"):
         load(path, peer=0)
@@ -347,3 +359,15 @@ def test_shipped_scenarios_are_toml_without_unknown_sections():
     known = set(Scenario.model_fields)
     for path in SCENARIOS:
         assert set(tomllib.loads(path.read_text())) <= known, path
+
+
+def test_npz_labels_must_fit_data_classes(tmp_path):
+    """An npz file with a label >= data.classes is refused: peers would build other models."""
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        np.savez(tmp_path / "data" / f"peer-{i}.npz", x=np.zeros((4, 2)), y=np.arange(4) * i)
+    path = tmp_path / "npz.toml"
+    path.write_text('[topology]\npeers = 2\n[data]\ndataset = "npz"\nclasses = 2\n')
+    with pytest.raises(ScenarioError, match=r"data\.path.*peer-1\.npz.*labels outside 0\.\.1"):
+        load(path)
+    assert load(path, peer=0).data.classes == 2

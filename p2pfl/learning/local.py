@@ -45,7 +45,7 @@ def load_dataset(s: Scenario, peer_id: int) -> datasets.Dataset:
         return datasets.synthetic(
             d.synthetic_samples, d.synthetic_features, d.synthetic_classes, s.seed
         )
-    return datasets.npz(s.resolve(d.path.format(id=peer_id)))
+    return datasets.npz(s.resolve(d.path.format(id=peer_id)), d.classes)
 
 
 def peer_data(s: Scenario, peer_id: int) -> tuple[LocalData, datasets.Dataset]:
