@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
 import numpy as np
 import structlog
 
@@ -130,10 +131,13 @@ class GossipPeer:
 
     def _evaluate(self, params: object) -> tuple[float, float | None, float]:
         t = time.perf_counter()
-        d, ev = self.local.data, self.local.trainer.evaluate
-        test_acc = float(ev(params, d.x_test, d.y_test)[0])
-        hold = None if d.x_holdout is None else float(ev(params, d.x_holdout, d.y_holdout)[0])
-        return test_acc, hold, time.perf_counter() - t
+        d = self.local.data
+        sets = [(d.x_test, d.y_test)]
+        if d.x_holdout is not None:
+            sets.append((d.x_holdout, d.y_holdout))
+        results = jax.device_get(self.local.trainer.evaluate_sets(params, tuple(sets)))
+        hold = float(results[1][0]) if len(results) > 1 else None
+        return float(results[0][0]), hold, time.perf_counter() - t
 
     def _broadcast(self, round_: int, own: np.ndarray) -> int:
         frames = wire.encode(

@@ -35,6 +35,8 @@ class Trainer(NamedTuple):
     init: Callable[[int, int, int], TrainState]  # (seed, init stream, train stream) -> state
     train: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, jax.Array]]
     evaluate: Callable[[FlatParams, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+    # (accuracy, loss) on several (x, y) sets in one call: one trace and one transfer
+    evaluate_sets: Callable[[FlatParams, tuple], tuple]
     with_params: Callable[[TrainState, FlatParams], TrainState]
     n_params: int
 
@@ -110,16 +112,19 @@ def make_trainer(
         (params, opt_state), losses = jax.lax.scan(epoch, (state.params, state.opt_state), keys[1:])
         return TrainState(params, opt_state, keys[0]), losses[-1]
 
-    @jax.jit
-    def evaluate(flat: FlatParams, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def metrics(flat: FlatParams, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = model.apply(unravel(flat), x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return (jnp.argmax(logits, -1) == y).mean(), loss
 
+    @jax.jit
+    def evaluate_sets(flat: FlatParams, sets: tuple) -> tuple:
+        return tuple(metrics(flat, x, y) for x, y in sets)
+
     def with_params(state: TrainState, flat: FlatParams) -> TrainState:
         return state._replace(params=jnp.asarray(flat, dtype=jnp.float32))
 
-    return Trainer(init, train, evaluate, with_params, n_params)
+    return Trainer(init, train, jax.jit(metrics), evaluate_sets, with_params, n_params)
 
 
 def as_numpy(flat: FlatParams) -> np.ndarray:
