@@ -179,7 +179,10 @@ class Launcher:
         table = Table("peer", "round", "holdout acc", "status", title=f"mean holdout {mean}")
         for i, t in self.tails.items():
             rc = self.procs[i].exitcode
-            status = "running" if rc is None else ("done" if rc == 0 else f"failed ({rc})")
+            if rc is None:
+                status = "running" if t.rows else "starting"
+            else:
+                status = "done" if rc == 0 else f"failed ({rc})"
             last = t.rows[-1] if t.rows else {}
             acc = last.get("holdout_accuracy")
             table.add_row(
