@@ -22,7 +22,7 @@ from p2pfl import wire
 from p2pfl.gossip import mix
 from p2pfl.history import HistoryWriter, RoundRecord
 from p2pfl.learning.local import Local, build
-from p2pfl.learning.trainer import as_numpy
+from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
 from p2pfl.scenario import Scenario
 from p2pfl.topology import build_graph, local_weights
 from p2pfl.transport import Transport
@@ -129,11 +129,11 @@ class GossipPeer:
 
     # -- one round ---------------------------------------------------------------
 
-    def _evaluate(self, params: object) -> tuple[float, float | None, float]:
+    def _evaluate(self, params: FlatParams) -> tuple[float, float | None, float]:
         t = time.perf_counter()
         d = self.local.data
-        sets = [(d.x_test, d.y_test)]
-        if d.x_holdout is not None:
+        sets: list[tuple[jax.Array, jax.Array]] = [(d.x_test, d.y_test)]
+        if d.x_holdout is not None and d.y_holdout is not None:
             sets.append((d.x_holdout, d.y_holdout))
         results = jax.device_get(self.local.trainer.evaluate_sets(params, tuple(sets)))
         hold = float(results[1][0]) if len(results) > 1 else None
@@ -157,7 +157,7 @@ class GossipPeer:
                 self.log.info("send_dropped", to=j, reason="neighbour queue full")
         return sent
 
-    def _round(self, round_: int, state: object) -> object:
+    def _round(self, round_: int, state: TrainState) -> TrainState:
         trainer, d = self.local.trainer, self.local.data
         cpu0 = time.process_time()
         t = time.perf_counter()

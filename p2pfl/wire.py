@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 import numpy as np
@@ -198,7 +198,7 @@ def _unpack_header(frame: Buffer) -> dict[str, Any]:
     return header
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """An int that is not a bool (msgpack and JSON both blur the two)."""
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -37,7 +37,7 @@ class Trainer(NamedTuple):
     evaluate: Callable[[FlatParams, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
     # (accuracy, loss) on several (x, y) sets in one call: one trace and one transfer
     evaluate_sets: Callable[[FlatParams, tuple], tuple]
-    with_params: Callable[[TrainState, FlatParams], TrainState]
+    with_params: Callable[[TrainState, FlatParams | np.ndarray], TrainState]
     n_params: int
 
 
@@ -121,7 +121,7 @@ def make_trainer(
     def evaluate_sets(flat: FlatParams, sets: tuple) -> tuple:
         return tuple(metrics(flat, x, y) for x, y in sets)
 
-    def with_params(state: TrainState, flat: FlatParams) -> TrainState:
+    def with_params(state: TrainState, flat: FlatParams | np.ndarray) -> TrainState:
         return state._replace(params=jnp.asarray(flat, dtype=jnp.float32))
 
     return Trainer(init, train, jax.jit(metrics), evaluate_sets, with_params, n_params)
