@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,9 @@ import psutil
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from p2pfl.launch import free_base_port
+from p2pfl.scenario import dumps as to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "scenarios" / "quickstart.toml"
@@ -148,50 +150,6 @@ def preamble(wait_s: float = 0.0) -> list[str]:
 
 
 # -- scenarios -----------------------------------------------------------------------
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """A minimal TOML writer for the flat sections scenario files use."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    sections = [
-        f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
-        for k, v in data.items()
-        if isinstance(v, dict)
-    ]
-    return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"
-
-
-def free_base_port(count: int) -> int:
-    """A base port such that base..base+count-1 are all free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65000:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return base
-    raise RuntimeError("no free range of ports found")
 
 
 def scenario_copy(folder: Path, source: Path = QUICKSTART, **sections: dict[str, Any]) -> Path:

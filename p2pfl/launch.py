@@ -99,6 +99,29 @@ def unusable_addresses(scenario: Scenario) -> list[str]:
     return problems
 
 
+def free_base_port(count: int, host: str = "127.0.0.1") -> int:
+    """A base port such that base..base+count-1 can all be bound on `host` right now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + count >= 65000:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise LaunchError(f"no range of {count} free ports on {host}")
+
+
 def default_out(scenario: Scenario, mode: str = "gossip") -> Path:
     """`runs/<scenario name>/<mode>`."""
     return Path("runs") / scenario.name / mode

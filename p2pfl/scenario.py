@@ -184,6 +184,30 @@ class Scenario(_Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def dumps(raw: dict[str, Any]) -> str:
+    """TOML text for a scenario mapping (top-level keys and one level of sections).
+
+    `None` values are left out (TOML has no null; the field then takes its default).
+    """
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    def lines(d: dict[str, Any]) -> list[str]:
+        return [
+            f"{k} = {value(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)
+        ]
+
+    sections = [f"[{k}]\n" + "\n".join(lines(v)) for k, v in raw.items() if isinstance(v, dict)]
+    return "\n".join(lines(raw)) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
 def _format_error(err: dict[str, Any]) -> str:
     field = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,49 +17,10 @@ from typing import Any
 import psutil
 import pytest
 
+from p2pfl.launch import free_base_port
+from p2pfl.scenario import dumps as to_toml
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """A minimal TOML writer for the flat sections scenario files use."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    sections = [
-        f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
-        for k, v in data.items()
-        if isinstance(v, dict)
-    ]
-    return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"
-
-
-def free_base_port(count: int) -> int:
-    """A base port such that base..base+count-1 are all free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65000:
-            continue
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

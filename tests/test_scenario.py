@@ -371,3 +371,15 @@ def test_npz_labels_must_fit_data_classes(tmp_path):
     with pytest.raises(ScenarioError, match=r"data\.path.*peer-1\.npz.*labels outside 0\.\.1"):
         load(path)
     assert load(path, peer=0).data.classes == 2
+
+
+def test_dumps_round_trips_every_scenario(tmp_path):
+    """`scenario.dumps` writes TOML that loads back to the same scenario (None fields omitted)."""
+    from p2pfl.scenario import dumps
+
+    for path in sorted((ROOT / "scenarios").glob("*.toml")):
+        original = load(path)
+        raw = original.model_dump(mode="json")
+        copy = tmp_path / path.name
+        copy.write_text(dumps(raw))
+        assert load(copy).model_dump() == original.model_dump(), path.name
