@@ -130,12 +130,6 @@ class Expect:
         )
         return 1 + total
 
-    @property
-    def max_frame_bytes(self) -> int:
-        """Largest single frame this receiver needs to take (for ZMQ_MAXMSGSIZE)."""
-        largest = max((4 * math.prod(s) for s in self.shapes.values()), default=0)
-        return max(MAX_HEADER_BYTES, min(MAX_FRAME_BYTES, largest))
-
 
 def _chunks(array: np.ndarray) -> list[memoryview]:
     flat = memoryview(np.ascontiguousarray(array)).cast("B")

@@ -163,12 +163,6 @@ def test_two_arrays_round_trip():
     np.testing.assert_array_equal(msg.arrays["b"], b)
 
 
-def test_expect_max_frame_bytes_bounds():
-    """ZMQ's message limit covers the header and at most one 8 MiB frame."""
-    assert Expect(SCENARIO, 1, {"p": (10,)}).max_frame_bytes == wire.MAX_HEADER_BYTES
-    assert Expect(SCENARIO, 1, {"p": (10**8,)}).max_frame_bytes == MAX_FRAME_BYTES
-
-
 # ---- bad input ----
 
 _GOOD = np.arange(N, dtype=np.float32).tobytes()
