@@ -93,7 +93,7 @@ def unusable_addresses(scenario: Scenario) -> list[str]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host.strip("[]"), int(port)))
+                probe.bind((host, int(port)))
             except OSError as exc:
                 problems.append(f"peer {i} {addr}: {exc.strerror}")
     return problems

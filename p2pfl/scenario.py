@@ -276,7 +276,7 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
 
 def _check_npz(s: Scenario, ids: range | list[int]) -> None:
     """Local files must agree with the scenario, or peers would build different models."""
-    import numpy as np
+    from p2pfl.learning import datasets
 
     classes = s.data.classes
     if classes is None:
@@ -290,19 +290,9 @@ def _check_npz(s: Scenario, ids: range | list[int]) -> None:
     widths = set()
     for field, path in files:
         try:
-            with np.load(path, allow_pickle=False) as f:
-                x, y = f["x"], f["y"]
-        except (OSError, KeyError, ValueError) as exc:
-            raise ScenarioError(
-                f"{field}: {path} is not an npz file with x and y ({exc})"
-            ) from None
-        if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] < 2:
-            raise ScenarioError(f"{field}: {path} needs x [n >= 2, features] and y [n]")
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= classes:
-            raise ScenarioError(
-                f"{field}: {path} has labels outside 0..{classes - 1} (data.classes)"
-            )
-        widths.add(x.shape[1])
+            widths.add(datasets.npz(path, classes).x.shape[1])
+        except ValueError as exc:
+            raise ScenarioError(f"{field}: {exc}") from None
     if len(widths) > 1:
         raise ScenarioError(
             f"data.path: the npz files disagree on the feature count {sorted(widths)}"

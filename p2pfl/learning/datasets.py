@@ -59,10 +59,19 @@ def synthetic(n: int, features: int, classes: int, seed: int) -> Dataset:
     return Dataset(x.astype(np.float32), y, classes, None)
 
 
-def npz(path: Path, n_classes: int | None = None) -> Dataset:
-    """A local file with `x` [n, features] and `y` [n] integer labels (no pickles)."""
-    with np.load(path, allow_pickle=False) as f:
-        x, y = np.asarray(f["x"], dtype=np.float32), np.asarray(f["y"]).astype(np.int32)
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"{path}: x must be [n, features] and y [n], got {x.shape} and {y.shape}")
-    return Dataset(x, y, n_classes or int(y.max()) + 1, None)
+def npz(path: Path, n_classes: int) -> Dataset:
+    """A local file with `x` [n >= 2, features] and `y` [n] labels in 0..n_classes-1.
+
+    The one place npz files are checked: scenario validation calls it before anything
+    starts and the peer when it loads its shard. No pickles are ever loaded.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f["x"], f["y"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path} is not an npz file with x and y ({exc})") from None
+    if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] < 2:
+        raise ValueError(f"{path} needs x [n >= 2, features] and y [n]")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"{path} has labels outside 0..{n_classes - 1} (data.classes)")
+    return Dataset(x.astype(np.float32), y.astype(np.int32), n_classes, None)
