@@ -13,40 +13,41 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from p2pfl.scenario import Scenario, ScenarioError, load
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _scenario(path: Path | None, peer: int | None = None) -> Scenario:
-    return Scenario() if path is None else load(path, peer=peer)
+def _scenario(path: Path | None, peer: int | None = None, mode: str | None = None) -> Scenario:
+    if path is None:
+        return Scenario() if mode is None else Scenario().with_mode(mode)
+    return load(path, peer=peer, mode=mode)
 
 
 def _out(args: argparse.Namespace, s: Scenario) -> Path:
     from p2pfl.launch import default_out
 
-    return Path(args.out) if args.out else default_out(s)
+    return Path(args.out) if args.out else default_out(s, s.mode)
 
 
-def cmd_launch(args: argparse.Namespace) -> int:
-    """Run every peer of the scenario on this machine."""
-    from rich.console import Console
+def _finish_process() -> None:
+    """Exit 0 at once: every file is closed and every socket flushed by now.
 
-    from p2pfl.launch import LaunchError, launch
+    Skipping the interpreter's and XLA's teardown saves each process about half a
+    second of CPU.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_OK)
 
-    s = _scenario(args.scenario)
-    out = _out(args, s)
-    console = Console()
-    try:
-        summary = launch(s, args.scenario, out, console)
-    except LaunchError as exc:
-        print(f"p2pfl: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    console.line()
+
+def _print_summary(console: Any, summary: dict[str, Any], out: Path) -> None:
     acc = summary["final_holdout_accuracy"]
     console.print(
-        f"[bold]{s.name}[/]: {len(summary['completed_peers'])}/{summary['peers']} peers completed "
+        f"[bold]{summary['scenario']}[/] ({summary['mode']}): "
+        f"{len(summary['completed_peers'])}/{summary['peers']} peers completed "
         f"{summary['rounds']} rounds in {summary['wall_s']:.1f} s; final holdout accuracy "
         + (
             f"mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})"
@@ -56,37 +57,147 @@ def cmd_launch(args: argparse.Namespace) -> int:
     )
     if summary["failed_peers"]:
         console.print(f"[red]failed peers: {summary['failed_peers']}[/] (see {out / 'logs'})")
+    c = summary.get("coordinator")
+    if c is not None and c["exit_code"] != 0:
+        colour = "red" if c["role"] == "server" else "yellow"
+        console.print(
+            f"[{colour}]coordinator ({c['role']}) exited with code {c['exit_code']}[/] "
+            f"(see {out / 'logs' / 'coordinator.jsonl'})"
+        )
     console.print(f"run folder: {out}")
-    return EXIT_FAILED if summary["failed_peers"] else EXIT_OK
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Run every peer of the scenario (and its coordinator, if any) on this machine."""
+    from rich.console import Console
+
+    from p2pfl.launch import LaunchError, launch, run_failed
+
+    s = _scenario(args.scenario, mode=args.mode)
+    out = _out(args, s)
+    console = Console()
+    try:
+        summary = launch(s, args.scenario, out, console)
+    except LaunchError as exc:
+        print(f"p2pfl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    console.line()
+    _print_summary(console, summary, out)
+    return EXIT_FAILED if run_failed(summary) else EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run the scenario centralized, then gossip, and compare the two runs."""
+    from rich.console import Console
+
+    from p2pfl.compare import build_report, render_table, write_outputs
+    from p2pfl.launch import LaunchError, launch, run_failed
+
+    base = _scenario(args.scenario)
+    root = Path(args.out) if args.out else Path("runs") / base.name
+    console = Console()
+    folders: dict[str, Path] = {}
+    failed = False
+    for mode in ("centralized", "gossip"):
+        s = base.with_mode(mode)
+        folders[mode] = root / mode
+        console.rule(f"{s.name}: {mode}")
+        try:
+            summary = launch(s, args.scenario, folders[mode], console)
+        except LaunchError as exc:
+            print(f"p2pfl: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        console.line()
+        _print_summary(console, summary, folders[mode])
+        failed |= run_failed(summary)
+    report = build_report(folders["centralized"], folders["gossip"], args.target)
+    write_outputs(report, folders["centralized"], folders["gossip"], root)
+    console.line()
+    console.print(render_table(report))
+    console.print(
+        f"written: {root / 'compare.json'}, {root / 'compare.md'}, {root / 'compare.png'}"
+    )
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
     """Run one peer (one per host in a real deployment)."""
     from p2pfl import _runtime
 
-    s = _scenario(args.scenario, peer=args.id)
+    s = _scenario(args.scenario, peer=args.id, mode=args.mode)
     if not 0 <= args.id < s.peers:
         raise ScenarioError(f"--id {args.id}: the scenario has peers 0..{s.peers - 1}")
+    if args.address is not None:
+        from p2pfl.scenario import check_tcp
+
+        try:
+            check_tcp(args.address)
+        except ValueError as exc:
+            raise ScenarioError(f"--address: {exc}") from None
+        if not s.coordinator.bootstrap or s.mode != "gossip":
+            raise ScenarioError(
+                "--address needs mode = 'gossip' with coordinator.bootstrap = true: "
+                "otherwise the neighbours cannot learn it"
+            )
     out = _out(args, s)
     _runtime.limit_threads()
     from p2pfl import logs
 
     logs.configure(out / "logs" / f"peer-{args.id}.jsonl", args.log_level)
     _runtime.enable_compile_cache()
-    from p2pfl.peer import run_peer
+    import structlog
+
+    from p2pfl.client import CoordinatorLostError, run_client
+    from p2pfl.peer import BootstrapError, run_peer
 
     try:
-        run_peer(s, args.id, out)
+        if s.mode == "centralized":
+            run_client(s, args.id, out)
+        else:
+            run_peer(s, args.id, out, args.address)
+    except (CoordinatorLostError, BootstrapError) as exc:
+        print(f"p2pfl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception:
-        import structlog
-
         structlog.get_logger().exception("peer_failed", peer=args.id)
         raise
-    # Every file is closed and every socket flushed by now; skipping the interpreter's
-    # and XLA's teardown saves each peer process about half a second of CPU.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_OK)
+    _finish_process()
+    return EXIT_OK
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    """Run the coordinator: bootstrap registry (gossip) or FedAvg server (centralized)."""
+    import signal
+
+    from p2pfl import _runtime
+
+    s = _scenario(args.scenario, mode=args.mode)
+    if not s.needs_coordinator:
+        raise ScenarioError(
+            "mode = 'gossip' without coordinator.bootstrap = true needs no coordinator "
+            "(set mode = 'centralized', or coordinator.bootstrap = true)"
+        )
+    out = _out(args, s)
+    _runtime.limit_threads()
+    from p2pfl import logs
+
+    logs.configure(out / "logs" / "coordinator.jsonl", args.log_level)
+    _runtime.enable_compile_cache()
+    import structlog
+
+    from p2pfl.coordinator import SessionAbortedError, run_coordinator
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # close the sockets on the way out
+    try:
+        run_coordinator(s, out)
+    except SessionAbortedError as exc:
+        print(f"p2pfl: coordinator: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:
+        structlog.get_logger().exception("coordinator_failed")
+        raise
+    _finish_process()
+    return EXIT_OK
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
@@ -139,17 +250,52 @@ def _parser() -> argparse.ArgumentParser:
             help="scenario TOML file (default: the built-in quickstart settings)",
         )
 
+    def mode_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--mode",
+            choices=["gossip", "centralized"],
+            help="run the scenario in this mode instead of the file's",
+        )
+
+    def log_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
     q = sub.add_parser("launch", help="run every peer of a scenario on this machine")
     scenario_arg(q)
-    q.add_argument("--out", help="run folder (default: runs/<name>/gossip)")
+    mode_arg(q)
+    q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
     q.set_defaults(func=cmd_launch)
+
+    q = sub.add_parser("compare", help="run a scenario centralized and gossip, compare them")
+    scenario_arg(q)
+    q.add_argument("--out", help="folder for both runs and compare.* (default: runs/<name>)")
+    q.add_argument(
+        "--target",
+        type=float,
+        help="holdout accuracy for 'rounds to reach' (default: 0.95 x the lower final mean)",
+    )
+    q.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("peer", help="run one peer of a scenario")
     scenario_arg(q)
+    mode_arg(q)
     q.add_argument("--id", type=int, required=True, help="this peer's id, 0..peers-1")
-    q.add_argument("--out", help="run folder (default: runs/<name>/gossip)")
-    q.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    q.add_argument(
+        "--address",
+        help="bind and advertise this tcp://HOST:PORT (gossip with coordinator.bootstrap)",
+    )
+    q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    log_arg(q)
     q.set_defaults(func=cmd_peer)
+
+    q = sub.add_parser(
+        "coordinator", help="run the coordinator (bootstrap for gossip, or the FedAvg server)"
+    )
+    scenario_arg(q)
+    mode_arg(q)
+    q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    log_arg(q)
+    q.set_defaults(func=cmd_coordinator)
 
     q = sub.add_parser("topology", help="print a scenario's graph and its spectral figures")
     scenario_arg(q)

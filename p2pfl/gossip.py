@@ -36,6 +36,25 @@ def _pieces(x: Model, size: int) -> Iterable[tuple[slice, np.ndarray]]:
         start += c.size
 
 
+def _add_weighted(
+    acc: np.ndarray,
+    x: Model,
+    w: float,
+    scratch: np.ndarray,
+    plain: np.ndarray | None = None,
+) -> np.ndarray:
+    """acc += w x (and plain += x), chunk by chunk in float64; returns the scratch buffer."""
+    for where, chunk in _pieces(x, acc.size):
+        if scratch.size < chunk.size:
+            scratch = np.empty(chunk.size)
+        tmp = scratch[: chunk.size]
+        np.multiply(chunk, w, out=tmp, dtype=np.float64)
+        acc[where] += tmp
+        if plain is not None:
+            plain[where] += chunk
+    return scratch
+
+
 def mix(own: np.ndarray, received: Mapping[int, Model], weights: Mapping[int, float]) -> Mixed:
     """x_i <- w_ii x_i + sum_j w_ij x_j over the neighbours heard this round.
 
@@ -51,15 +70,27 @@ def mix(own: np.ndarray, received: Mapping[int, Model], weights: Mapping[int, fl
     total = flat.astype(np.float64)  # becomes x_i + sum_j x_j
     scratch = np.empty(0)
     for j, x in received.items():
-        w = weights[j]
-        for where, chunk in _pieces(x, flat.size):
-            if scratch.size < chunk.size:
-                scratch = np.empty(chunk.size)
-            tmp = scratch[: chunk.size]
-            np.multiply(chunk, w, out=tmp, dtype=np.float64)  # w_ij x_j, in float64
-            acc[where] += tmp
-            total[where] += chunk
+        scratch = _add_weighted(acc, x, weights[j], scratch, total)
     total /= 1 + len(received)  # the local mean
     total -= flat
     disagreement = float(np.linalg.norm(total))
     return Mixed(acc.astype(np.float32).reshape(own.shape), disagreement)
+
+
+def weighted_mean(models: Mapping[int, Model], weights: Mapping[int, float]) -> np.ndarray:
+    """sum_j w_j x_j / sum_j w_j over the models that arrived: the FedAvg server's step.
+
+    Like `mix`, each model is read once, chunk by chunk, into a float64 accumulator; with
+    the weights of a full graph's Metropolis–Hastings matrix this is the same arithmetic
+    as a gossip peer's mix, which is what makes the two modes comparable bit for bit.
+    """
+    if not models:
+        raise ValueError("no models to average")
+    total = sum(weights[j] for j in models)
+    if not total > 0:
+        raise ValueError(f"weights sum to {total}, not a positive number")
+    acc = np.zeros(next(iter(models.values())).size, np.float64)
+    scratch = np.empty(0)
+    for j, x in models.items():
+        scratch = _add_weighted(acc, x, weights[j] / total, scratch)
+    return acc.astype(np.float32)

@@ -1,4 +1,4 @@
-"""Per-round records as JSON lines, and the run summary built from them."""
+"""Per-round records as JSON lines, saved models, and the run summary built from them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,29 @@ class RoundRecord:
     neighbours_missing: list[int]
     disagreement: float | None
     t: float  # seconds since the peer process started
+    time: float  # unix time the record was written (runs and modes share this clock)
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """One line of `coordinator.jsonl`: the global model after a round (0: the initial one)."""
+
+    round: int
+    holdout_accuracy: float | None
+    holdout_loss: float | None
+    train_loss: float | None  # the participants' reported losses, weighted like their models
+    sampled: list[int]
+    participants: list[int]  # whose updates were averaged
+    missing: list[int]  # sampled, but no update by the deadline
+    connected: list[int]  # peers alive when the round started
+    closed_by: str  # "all_in" | "deadline" | "quorum_missed" (global model kept) | "initial"
+    bytes_sent: int  # by the coordinator, this round
+    bytes_received: int
+    round_s: float
+    aggregate_s: float
+    eval_s: float
+    t: float  # seconds since the coordinator started
+    time: float
 
 
 class HistoryWriter:
@@ -37,7 +62,7 @@ class HistoryWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("w", buffering=1)
 
-    def write(self, record: RoundRecord) -> None:
+    def write(self, record: RoundRecord | ServerRecord) -> None:
         """Append one round."""
         self._file.write(json.dumps(asdict(record)) + "\n")
 
@@ -59,10 +84,23 @@ def read(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def save_model(path: Path, params: np.ndarray) -> None:
+    """Write a flat parameter vector to `path` (npz, key `params`) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, params=np.asarray(params, dtype=np.float32))
+    tmp.replace(path)
+
+
 def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "min": None, "max": None}
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def _busiest(totals: Mapping[int | str, int]) -> dict[str, Any]:
+    node = max(totals, key=lambda p: totals[p]) if totals else None
+    return {"node": node, "bytes": totals[node] if node is not None else 0}
 
 
 def summarize(
@@ -73,16 +111,28 @@ def summarize(
     completed: Iterable[int],
     failed: Iterable[int],
     wall_s: float,
+    started_at: float,
+    coordinator: Mapping[str, Any] | None = None,
+    coordinator_history: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The `summary.json` of a run: outcome, final holdout accuracy, traffic, time."""
+    """The `summary.json` of a run: outcome, final holdout accuracy, traffic, time.
+
+    Traffic counts every node, the coordinator (node "coordinator") included, so the
+    two modes' totals and busiest nodes compare like for like.
+    """
     completed, failed = sorted(completed), sorted(failed)
     finals = [
         h[-1]["holdout_accuracy"]
         for p, h in histories.items()
         if p in completed and h and h[-1]["holdout_accuracy"] is not None
     ]
-    sent = {p: sum(r["bytes_sent"] for r in h) for p, h in histories.items()}
-    busiest = max(sent, key=lambda p: sent[p]) if sent else None
+    sent: dict[int | str, int] = {p: sum(r["bytes_sent"] for r in h) for p, h in histories.items()}
+    through = {p: sent[p] + sum(r["bytes_received"] for r in h) for p, h in histories.items()}
+    if coordinator_history:
+        sent["coordinator"] = sum(r["bytes_sent"] for r in coordinator_history)
+        through["coordinator"] = sent["coordinator"] + sum(
+            r["bytes_received"] for r in coordinator_history
+        )
     return {
         "scenario": scenario,
         "mode": mode,
@@ -92,9 +142,9 @@ def summarize(
         "failed_peers": failed,
         "final_holdout_accuracy": _stats(finals),
         "bytes_sent_total": sum(sent.values()),
-        "bytes_sent_busiest": {
-            "peer": busiest,
-            "bytes": sent.get(busiest, 0) if busiest is not None else 0,
-        },
+        "bytes_sent_busiest": _busiest(sent),
+        "bytes_through_busiest": _busiest(through),
         "wall_s": wall_s,
+        "started_at": started_at,
+        "coordinator": dict(coordinator) if coordinator is not None else None,
     }

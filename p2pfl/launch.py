@@ -6,6 +6,11 @@ the peer's modules, so eight peers on two cores do not each pay a second of impo
 `p2pfl peer SCENARIO --id N` runs. The launcher owns the children: they die with it
 (PR_SET_PDEATHSIG), on Ctrl-C, and on any error of its own. A child that fails does
 not stop the others: the run goes on and `summary.json` lists it under `failed_peers`.
+
+When the scenario needs a coordinator (centralized mode, or gossip with bootstrap) it
+is started first, the same way, as `p2pfl coordinator SCENARIO`. In centralized mode
+its failure fails the run; a bootstrap coordinator is not needed once peers are
+connected, so only the peers decide the outcome there.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ TICK_S = 0.25  # progress refresh period (the launcher only watches; peers never
 STOP_GRACE_S = 5.0  # after SIGTERM, time before SIGKILL
 MAX_TABLE_ROWS = 16  # larger runs show a one-line summary instead of a row per peer
 # Imported once by the forkserver and shared by every forked peer.
-PRELOAD = ["p2pfl.cli", "p2pfl.peer", "p2pfl.launch"]
+PRELOAD = ["p2pfl.cli", "p2pfl.peer", "p2pfl.client", "p2pfl.coordinator", "p2pfl.launch"]
+COORDINATOR_END_S = 15.0  # after the last peer exits, time the coordinator gets to finish
 _PR_SET_PDEATHSIG = 1
 
 
-def _peer_main(argv: list[str], core: int, stderr_path: str) -> None:
-    """Body of a forked peer: pin, die with the parent, then run `p2pfl peer` in-process."""
+def _child_main(argv: list[str], core: int, stderr_path: str) -> None:
+    """Body of a forked child: pin, die with the parent, then run `p2pfl ...` in-process."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     os.sched_setaffinity(0, {core})
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -75,6 +81,19 @@ class _Tail:
         self.offset += end
 
 
+def _status(exitcode: int | None, started: bool) -> str:
+    if exitcode is None:
+        return "running" if started else "starting"
+    return "done" if exitcode == 0 else f"failed ({exitcode})"
+
+
+def run_failed(summary: dict[str, Any]) -> bool:
+    """A run fails when a peer failed, or when a centralized run's server did."""
+    c = summary.get("coordinator")
+    server_failed = c is not None and c["role"] == "server" and c["exit_code"] != 0
+    return bool(summary["failed_peers"]) or server_failed
+
+
 class LaunchError(RuntimeError):
     """The run cannot start on this machine (for instance a port is taken)."""
 
@@ -87,15 +106,24 @@ def unusable_addresses(scenario: Scenario) -> list[str]:
     SO_REUSEADDR matches what ZeroMQ sets, so ports in TIME_WAIT do not count.
     """
     problems = []
-    for i in range(scenario.peers):
-        addr = scenario.address(i)
+    addresses = (
+        {}
+        if scenario.mode == "centralized"
+        else {f"peer {i}": scenario.address(i) for i in range(scenario.peers)}
+    )
+    if scenario.needs_coordinator:
+        control, updates = scenario.coordinator_addresses()
+        addresses["coordinator"] = control
+        if scenario.mode == "centralized":
+            addresses["coordinator updates"] = updates
+    for who, addr in addresses.items():
         host, _, port = addr.removeprefix("tcp://").rpartition(":")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, int(port)))
             except OSError as exc:
-                problems.append(f"peer {i} {addr}: {exc.strerror}")
+                problems.append(f"{who} {addr}: {exc.strerror}")
     return problems
 
 
@@ -137,17 +165,23 @@ def _clean(out: Path) -> None:
             f"--out {out}: the folder is not empty and is not an earlier p2pfl run "
             "(no pids.json or summary.json); choose another folder"
         )
-    for pattern in ("peer-*.jsonl", "summary.json", "accuracy.png", "pids.json"):
+    for pattern in ("peer-*.jsonl", "coordinator.jsonl", "summary.json", "*.png", "pids.json"):
         for p in out.glob(pattern):
             p.unlink()
     for sub in ("models", "logs"):
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
-def peer_args(scenario_path: Path | None, peer_id: int, out: Path) -> list[str]:
+def peer_args(scenario_path: Path | None, mode: str, peer_id: int, out: Path) -> list[str]:
     """`p2pfl peer` arguments for one peer, exactly as a user would type them on a host."""
     scenario = [] if scenario_path is None else [str(scenario_path)]
-    return ["peer", *scenario, "--id", str(peer_id), "--out", str(out)]
+    return ["peer", *scenario, "--mode", mode, "--id", str(peer_id), "--out", str(out)]
+
+
+def coordinator_args(scenario_path: Path | None, mode: str, out: Path) -> list[str]:
+    """`p2pfl coordinator` arguments, as a user would type them."""
+    scenario = [] if scenario_path is None else [str(scenario_path)]
+    return ["coordinator", *scenario, "--mode", mode, "--out", str(out)]
 
 
 class Launcher:
@@ -161,7 +195,9 @@ class Launcher:
         self.out = out
         self.console = console
         self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.coordinator: multiprocessing.process.BaseProcess | None = None
         self.tails = {i: _Tail(out / f"peer-{i}.jsonl") for i in range(scenario.peers)}
+        self.server_tail = _Tail(out / "coordinator.jsonl")
 
     def start(self) -> None:
         """Spawn the peers, pinned round-robin to the cores this process may use."""
@@ -170,17 +206,28 @@ class Launcher:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         cores = sorted(os.sched_getaffinity(0))
+        logs = self.out / "logs"
+        if self.s.needs_coordinator:
+            args = (
+                coordinator_args(self.path, self.s.mode, self.out),
+                cores[-1],
+                str(logs / "coordinator.stderr"),
+            )
+            self.coordinator = ctx.Process(target=_child_main, args=args, name="p2pfl-coordinator")
+            self.coordinator.start()
         for i in range(self.s.peers):
-            stderr = str(self.out / "logs" / f"peer-{i}.stderr")
-            args = (peer_args(self.path, i, self.out), cores[i % len(cores)], stderr)
-            self.procs[i] = ctx.Process(target=_peer_main, args=args, name=f"p2pfl-peer-{i}")
+            stderr = str(logs / f"peer-{i}.stderr")
+            args = (peer_args(self.path, self.s.mode, i, self.out), cores[i % len(cores)], stderr)
+            self.procs[i] = ctx.Process(target=_child_main, args=args, name=f"p2pfl-peer-{i}")
             self.procs[i].start()
-        pids = {i: p.pid for i, p in self.procs.items()}
+        pids: dict[str, int | None] = {str(i): p.pid for i, p in self.procs.items()}
+        if self.coordinator is not None:
+            pids["coordinator"] = self.coordinator.pid
         (self.out / "pids.json").write_text(json.dumps(pids) + "\n")
 
     def stop(self) -> None:
         """Terminate every child still running; SIGKILL the ones that ignore it."""
-        alive = [p for p in self.procs.values() if p.is_alive()]
+        alive = [p for p in self._children() if p.is_alive()]
         for p in alive:
             p.terminate()
         deadline = time.monotonic() + STOP_GRACE_S
@@ -190,9 +237,16 @@ class Launcher:
                 p.kill()
                 p.join()
 
+    def _children(self) -> list[multiprocessing.process.BaseProcess]:
+        extra = [self.coordinator] if self.coordinator is not None else []
+        return [*self.procs.values(), *extra]
+
     def _view(self, progress: Progress, task: Any) -> Group:
         rounds = self.s.training.rounds
-        done = sum(max(0, len(t.rows) - 1) for t in self.tails.values())
+        if self.s.mode == "centralized":
+            done = max(0, len(self.server_tail.rows) - 1)
+        else:
+            done = sum(max(0, len(t.rows) - 1) for t in self.tails.values())
         progress.update(task, completed=done)
         accs = [t.rows[-1]["holdout_accuracy"] for t in self.tails.values() if t.rows]
         accs = [a for a in accs if a is not None]
@@ -201,11 +255,7 @@ class Launcher:
             return Group(progress, f"mean holdout accuracy {mean}")
         table = Table("peer", "round", "holdout acc", "status", title=f"mean holdout {mean}")
         for i, t in self.tails.items():
-            rc = self.procs[i].exitcode
-            if rc is None:
-                status = "running" if t.rows else "starting"
-            else:
-                status = "done" if rc == 0 else f"failed ({rc})"
+            status = _status(self.procs[i].exitcode, bool(t.rows))
             last = t.rows[-1] if t.rows else {}
             acc = last.get("holdout_accuracy")
             table.add_row(
@@ -213,6 +263,15 @@ class Launcher:
                 f"{last.get('round', '-')}/{rounds}",
                 "-" if acc is None else f"{acc:.3f}",
                 status,
+            )
+        if self.coordinator is not None:
+            last = self.server_tail.rows[-1] if self.server_tail.rows else {}
+            acc = last.get("holdout_accuracy") if self.s.mode == "centralized" else None
+            table.add_row(
+                "coordinator",
+                f"{last.get('round', '-')}/{rounds}" if self.s.mode == "centralized" else "-",
+                "-" if acc is None else f"{acc:.3f}",
+                _status(self.coordinator.exitcode, bool(last) or self.s.mode == "gossip"),
             )
         return Group(progress, table)
 
@@ -225,24 +284,46 @@ class Launcher:
             TimeElapsedColumn(),
             console=self.console,
         )
-        task = progress.add_task("rounds", total=self.s.peers * self.s.training.rounds)
+        total = self.s.training.rounds
+        task = progress.add_task("rounds", total=total * (1 if self.coordinated else self.s.peers))
+        tails = [*self.tails.values(), self.server_tail]
         with Live(self._view(progress, task), console=self.console, refresh_per_second=4) as live:
             while alive := [p.sentinel for p in self.procs.values() if p.is_alive()]:
                 multiprocessing.connection.wait(alive, TICK_S)
-                for t in self.tails.values():
+                for t in tails:
                     t.poll()
                 live.update(self._view(progress, task))
-            for t in self.tails.values():
+            if self.coordinator is not None and self.s.mode == "centralized":
+                self.coordinator.join(COORDINATOR_END_S)  # it waits for the peers' byes
+            for t in tails:
                 t.poll()
             live.update(self._view(progress, task))
 
-    def finish(self, wall_s: float) -> dict[str, Any]:
+    @property
+    def coordinated(self) -> bool:
+        """Rounds are counted by the server (centralized mode), not per peer."""
+        return self.s.mode == "centralized"
+
+    def finish(self, wall_s: float, started_at: float) -> dict[str, Any]:
         """Write `summary.json` and `accuracy.png` from the peers' histories."""
         histories = {i: history.read(t.path) for i, t in self.tails.items()}
         completed = [i for i, p in self.procs.items() if p.exitcode == 0]
         failed = [i for i, p in self.procs.items() if p.exitcode != 0]
+        coordinator = None
+        if self.coordinator is not None:
+            role = "server" if self.s.mode == "centralized" else "bootstrap"
+            coordinator = {"role": role, "exit_code": self.coordinator.exitcode}
         summary = history.summarize(
-            self.s.name, self.s.mode, self.s.training.rounds, histories, completed, failed, wall_s
+            self.s.name,
+            self.s.mode,
+            self.s.training.rounds,
+            histories,
+            completed,
+            failed,
+            wall_s,
+            started_at,
+            coordinator,
+            history.read(self.server_tail.path) if self.s.mode == "centralized" else None,
         )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from p2pfl.plots import accuracy_plot
@@ -267,7 +348,7 @@ def launch(
         )
     _clean(out)
     launcher = Launcher(scenario, scenario_path, out, console)
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         launcher.start()
@@ -275,5 +356,5 @@ def launch(
     finally:
         launcher.stop()
         signal.signal(signal.SIGTERM, previous)
-        summary = launcher.finish(time.perf_counter() - t0)
+        summary = launcher.finish(time.perf_counter() - t0, started_at)
     return summary

@@ -14,18 +14,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jax
 import numpy as np
 import structlog
 
 from p2pfl import wire
 from p2pfl.gossip import mix
-from p2pfl.history import HistoryWriter, RoundRecord
-from p2pfl.learning.local import Local, build
+from p2pfl.history import HistoryWriter, RoundRecord, save_model
+from p2pfl.learning.local import Local, build, evaluate
 from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
-from p2pfl.scenario import Scenario
+from p2pfl.scenario import Scenario, check_tcp
 from p2pfl.topology import build_graph, local_weights
-from p2pfl.transport import Transport
+from p2pfl.transport import Link, Transport
 
 MAX_ROUNDS_AHEAD = 2  # models for rounds further ahead than this are dropped
 MAX_DRAIN = 256  # messages read without waiting per round: a flood cannot stall the loop
@@ -57,7 +56,9 @@ class _Inbox:
 class GossipPeer:
     """Owns one peer's sockets and history file; `run` does every round."""
 
-    def __init__(self, scenario: Scenario, peer_id: int, out_dir: Path) -> None:
+    def __init__(
+        self, scenario: Scenario, peer_id: int, out_dir: Path, address: str | None = None
+    ) -> None:
         self.s = scenario
         self.id = peer_id
         self.out_dir = out_dir
@@ -67,11 +68,14 @@ class GossipPeer:
         self.local: Local = build(scenario, peer_id)
         n_params = self.local.trainer.n_params
         self.expect = wire.Expect(scenario.digest(), scenario.peers - 1, {"params": (n_params,)})
-        self.transport = Transport(
-            scenario.address(peer_id),
-            {j: scenario.address(j) for j in self.neighbours},
-            self.expect.max_frames,
+        self.address = address or scenario.address(peer_id)
+        known = (
+            {}
+            if scenario.coordinator.bootstrap
+            else {j: scenario.address(j) for j in self.neighbours}
         )
+        self.transport = Transport(self.address, known, self.expect.max_frames)
+        self.link: Link | None = None
         self.inbox = _Inbox()
         self.misses = dict.fromkeys(self.neighbours, 0)
         self.history = HistoryWriter(out_dir / f"peer-{peer_id}.jsonl")
@@ -131,13 +135,8 @@ class GossipPeer:
 
     def _evaluate(self, params: FlatParams) -> tuple[float, float | None, float]:
         t = time.perf_counter()
-        d = self.local.data
-        sets: list[tuple[jax.Array, jax.Array]] = [(d.x_test, d.y_test)]
-        if d.x_holdout is not None and d.y_holdout is not None:
-            sets.append((d.x_holdout, d.y_holdout))
-        results = jax.device_get(self.local.trainer.evaluate_sets(params, tuple(sets)))
-        hold = float(results[1][0]) if len(results) > 1 else None
-        return float(results[0][0]), hold, time.perf_counter() - t
+        test_acc, hold_acc = evaluate(self.local.trainer, params, self.local.data)
+        return test_acc, hold_acc, time.perf_counter() - t
 
     def _broadcast(self, round_: int, own: np.ndarray) -> int:
         frames = wire.encode(
@@ -157,6 +156,41 @@ class GossipPeer:
                 self.log.info("send_dropped", to=j, reason="neighbour queue full")
         return sent
 
+    def _bootstrap(self) -> None:
+        """Register with the coordinator and connect to the neighbours it names.
+
+        Only the welcome is needed: once connected, the peer never talks to the
+        coordinator again except for a best-effort bye, so gossip goes on if it dies.
+        """
+        control, _ = self.s.coordinator_addresses()
+        coordinator = wire.Expect(self.expect.scenario, self.s.peers, {})
+        self.link = Link(control, None, coordinator.max_frames)
+        hello = wire.encode("hello", self.id, 0, self.expect.scenario, {"address": self.address})
+        self.link.send(hello)
+        limit = self.s.gossip.startup_timeout_s
+        deadline = time.monotonic() + limit
+        while (remaining := deadline - time.monotonic()) > 0:
+            frames = self.link.recv(remaining)
+            if frames is None:
+                break
+            try:
+                msg = wire.decode(frames, coordinator)
+            except wire.WireError as exc:
+                self._drop(str(exc), channel="bootstrap")
+                continue
+            addresses = _neighbour_addresses(msg, self.s.peers, self.neighbours)
+            if addresses is None:
+                self._drop("not a welcome naming exactly our neighbours", channel="bootstrap")
+                continue
+            for j, addr in addresses.items():
+                self.transport.connect(j, addr)
+            self.log.info("bootstrapped", coordinator=control, neighbours=addresses)
+            return
+        raise BootstrapError(
+            f"peer {self.id}: no welcome from the coordinator at {control} within {limit:g} s "
+            "(gossip.startup_timeout_s)"
+        )
+
     def _round(self, round_: int, state: TrainState) -> TrainState:
         trainer, d = self.local.trainer, self.local.data
         cpu0 = time.process_time()
@@ -165,6 +199,8 @@ class GossipPeer:
         own = as_numpy(state.params)
         train_s = time.perf_counter() - t
 
+        if delay := self.s.slow_delay(self.id):
+            time.sleep(delay)  # an injected straggler (faults.slow), on purpose
         t = time.perf_counter()
         sent = self._broadcast(round_, own)
         timeout = self.s.gossip.round_timeout_s
@@ -201,8 +237,12 @@ class GossipPeer:
                 neighbours_missing=sorted(set(self.neighbours) - set(got)),
                 disagreement=mixed.disagreement,
                 t=time.perf_counter() - self.t0,
+                time=time.time(),
             )
         )
+        if self.s.output.models == "every_round":
+            path = self.out_dir / "models" / f"round-{round_}" / f"peer-{self.id}.npz"
+            save_model(path, as_numpy(state.params))
         self.log.info("round_done", holdout_accuracy=hold_acc, heard=len(got))
         return state
 
@@ -239,8 +279,11 @@ class GossipPeer:
                 neighbours_missing=[],
                 disagreement=None,
                 t=time.perf_counter() - self.t0,
+                time=time.time(),
             )
         )
+        if self.s.coordinator.bootstrap:
+            self._bootstrap()
         self.log.info(
             "peer_started", neighbours=self.neighbours, params=self.local.trainer.n_params
         )
@@ -248,22 +291,45 @@ class GossipPeer:
             structlog.contextvars.bind_contextvars(round=r)
             state = self._round(r, state)
         structlog.contextvars.unbind_contextvars("round")
-        models = self.out_dir / "models"
-        models.mkdir(parents=True, exist_ok=True)
-        tmp = models / f"peer-{self.id}.tmp.npz"
-        np.savez(tmp, params=as_numpy(state.params))
-        tmp.replace(models / f"peer-{self.id}.npz")
+        save_model(self.out_dir / "models" / f"peer-{self.id}.npz", as_numpy(state.params))
+        if self.link is not None:  # best effort: the coordinator may be long gone
+            self.link.send(wire.encode("bye", self.id, 0, self.expect.scenario))
         self.log.info("peer_finished", rounds=self.s.training.rounds)
 
     def close(self) -> None:
         """Flush the last sends and release the sockets and the history file."""
         self.transport.close()
+        if self.link is not None:
+            self.link.close()
         self.history.close()
 
 
-def run_peer(scenario: Scenario, peer_id: int, out_dir: Path) -> None:
-    """Run one peer to completion; sockets are closed even on error."""
-    peer = GossipPeer(scenario, peer_id, out_dir)
+class BootstrapError(RuntimeError):
+    """No usable welcome from the bootstrap coordinator in time."""
+
+
+def _neighbour_addresses(
+    msg: wire.Message, coordinator: int, neighbours: list[int]
+) -> dict[int, str] | None:
+    """The neighbour -> address map of a welcome, if it is one and names exactly ours."""
+    pairs = msg.meta.get("neighbours")
+    if msg.type != "welcome" or msg.sender != coordinator or not isinstance(pairs, list):
+        return None
+    addresses: dict[int, str] = {}
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str)):
+            return None
+        try:
+            check_tcp(pair[1])
+        except ValueError:
+            return None
+        addresses[pair[0]] = pair[1]
+    return addresses if sorted(addresses) == neighbours else None
+
+
+def run_peer(scenario: Scenario, peer_id: int, out_dir: Path, address: str | None = None) -> None:
+    """Run one gossip peer to completion; sockets are closed even on error."""
+    peer = GossipPeer(scenario, peer_id, out_dir, address)
     try:
         peer.run()
     finally:

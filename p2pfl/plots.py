@@ -49,3 +49,43 @@ def topology_plot(graph: Any, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compare_plot(curves: Mapping[str, Mapping[str, list]], path: Path, title: str) -> None:
+    """Holdout accuracy of each mode against round, cumulative bytes sent (log) and seconds.
+
+    `curves` maps a mode name to parallel lists `round`, `accuracy`, `bytes`, `seconds`;
+    points whose accuracy or x value is missing (or not positive on the log axis) are skipped.
+    Each mode keeps one colour in all three panels.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [
+        ("round", "round", False),
+        ("bytes", "cumulative bytes sent", True),
+        ("seconds", "seconds since launch", False),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        for i, (mode, curve) in enumerate(curves.items()):
+            pts = [
+                (x, y)
+                for x, y in zip(curve[key], curve["accuracy"], strict=True)
+                if x is not None and y is not None and (x > 0 or not log)
+            ]
+            if pts:
+                x, y = zip(*pts, strict=True)
+                ax.plot(x, y, lw=2, marker="o", ms=2.5, color=f"C{i}", label=mode)
+        if log:
+            ax.set_xscale("log")
+        if key == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel=label, ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        if ax.lines:  # a panel with no data gets no (empty) legend
+            ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("holdout accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -58,7 +58,7 @@ class Topology(_Section):
 class Data(_Section):
     """Dataset, how it is split among peers, and the common holdout set."""
 
-    dataset: Literal["digits", "mnist5k", "synthetic", "npz"] = "digits"
+    dataset: Literal["digits", "breast_cancer", "mnist5k", "synthetic", "npz"] = "digits"
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: float = Field(0.5, gt=0.0, le=1e4)
     shards_per_peer: int = Field(2, ge=1)
@@ -120,6 +120,68 @@ class Gossip(_Section):
     gone_after_rounds: int = Field(3, ge=1)
 
 
+class Centralized(_Section):
+    """The FedAvg server of `mode = "centralized"` (the talk's server, over ZeroMQ)."""
+
+    min_peers: int | None = Field(None, ge=1)  # start once this many are connected (None: all)
+    fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of connected peers sampled per round
+    min_updates: int = Field(1, ge=1)  # a round closed at its deadline needs this many updates
+    round_timeout_s: float = Field(30.0, gt=0.0)  # deadline of a round, from its start
+    startup_timeout_s: float = Field(60.0, gt=0.0)  # wait for min_peers before giving up
+    weighting: Literal["samples", "uniform"] = "samples"  # FedAvg weights; uniform = the talk
+    heartbeat_s: float = Field(0.5, gt=0.0, le=60.0)  # both sides send something this often
+    peer_timeout_s: float = Field(10.0, gt=0.0)  # a peer silent this long is not sampled
+    coordinator_timeout_s: float = Field(10.0, gt=0.0)  # a peer gives up after this silence
+
+
+class Coordinator(_Section):
+    """Where the coordinator listens: control channel at `address`, updates at its port + 1."""
+
+    address: str | None = None  # default: tcp://network.host:(base_port + peers)
+    bootstrap: bool = False  # gossip mode: peers learn their neighbours' addresses from it
+
+    @field_validator("address")
+    @classmethod
+    def _tcp(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_tcp(value, max_port=65534)
+        return value
+
+
+class Slow(_Section):
+    """A straggler: the peer waits `delay_s` before sending each round's model."""
+
+    peer: int = Field(ge=0)
+    delay_s: float = Field(gt=0.0, le=3600.0)
+
+
+class Faults(_Section):
+    """Faults injected on purpose, to test what survives them."""
+
+    slow: list[Slow] = Field(default_factory=list)
+
+
+class Output(_Section):
+    """What a run keeps besides the histories."""
+
+    models: Literal["final", "every_round"] = "final"  # every_round: models/round-<r>/
+
+
+def check_tcp(addr: str, max_port: int = 65535) -> None:
+    host, _, port = addr.removeprefix("tcp://").rpartition(":")
+    if (
+        not addr.startswith("tcp://")
+        or not host
+        or not port.isdigit()
+        or not 1 <= int(port) <= max_port
+    ):
+        raise ValueError(
+            f"address {addr!r} must look like tcp://HOST:PORT with PORT in 1..{max_port}"
+        )
+    if host.startswith("["):
+        raise ValueError(f"address {addr!r}: IPv6 is not supported yet")
+
+
 class Network(_Section):
     """Where peers listen: `host` and `base_port + id`, or one address per peer."""
 
@@ -131,18 +193,7 @@ class Network(_Section):
     @classmethod
     def _tcp(cls, value: list[str] | None) -> list[str] | None:
         for addr in value or []:
-            host, _, port = addr.removeprefix("tcp://").rpartition(":")
-            if (
-                not addr.startswith("tcp://")
-                or not host
-                or not port.isdigit()
-                or not 1 <= int(port) <= 65535
-            ):
-                raise ValueError(
-                    f"address {addr!r} must look like tcp://HOST:PORT with PORT in 1..65535"
-                )
-            if host.startswith("["):
-                raise ValueError(f"address {addr!r}: IPv6 is not supported yet")
+            check_tcp(addr)
         if value is not None and len(set(value)) != len(value):
             raise ValueError("two peers cannot share one address")
         return value
@@ -153,13 +204,17 @@ class Scenario(_Section):
 
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0, lt=2**31)  # JAX PRNG and numpy seeds both take it
-    mode: Literal["gossip"] = "gossip"
+    mode: Literal["gossip", "centralized"] = "gossip"
     topology: Topology = Field(default_factory=Topology)
     data: Data = Field(default_factory=Data)
     model: Model = Field(default_factory=Model)
     training: Training = Field(default_factory=Training)
     gossip: Gossip = Field(default_factory=Gossip)
     network: Network = Field(default_factory=Network)
+    centralized: Centralized = Field(default_factory=Centralized)
+    coordinator: Coordinator = Field(default_factory=Coordinator)
+    faults: Faults = Field(default_factory=Faults)
+    output: Output = Field(default_factory=Output)
     base_dir: str = Field(".", exclude=True)
 
     @property
@@ -172,6 +227,32 @@ class Scenario(_Section):
         if self.network.addresses is not None:
             return self.network.addresses[peer_id]
         return f"tcp://{self.network.host}:{self.network.base_port + peer_id}"
+
+    @property
+    def needs_coordinator(self) -> bool:
+        """Centralized runs need the server; gossip runs only when they bootstrap from it."""
+        return self.mode == "centralized" or self.coordinator.bootstrap
+
+    @property
+    def min_peers(self) -> int:
+        """Peers the server waits for before round 1 (all of them unless set)."""
+        return self.centralized.min_peers or self.peers
+
+    def coordinator_addresses(self) -> tuple[str, str]:
+        """(control, updates) endpoints of the coordinator."""
+        control = self.coordinator.address or (
+            f"tcp://{self.network.host}:{self.network.base_port + self.peers}"
+        )
+        host, _, port = control.rpartition(":")
+        return control, f"{host}:{int(port) + 1}"
+
+    def slow_delay(self, peer_id: int) -> float:
+        """Seconds peer `peer_id` holds back each model (0 unless it is a straggler)."""
+        return sum(f.delay_s for f in self.faults.slow if f.peer == peer_id)
+
+    def with_mode(self, mode: str) -> Scenario:
+        """The same scenario run in another mode, validated again."""
+        return parse({**self.model_dump(exclude={"base_dir"}), "mode": mode}, self.base_dir)
 
     def resolve(self, path: str) -> Path:
         """A path from the file, taken relative to the scenario file's folder."""
@@ -197,6 +278,8 @@ def dumps(raw: dict[str, Any]) -> str:
             return json.dumps(v)
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # an inline table, as in faults.slow
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         return repr(v)
 
     def lines(d: dict[str, Any]) -> list[str]:
@@ -229,8 +312,11 @@ def parse(raw: dict[str, Any], base_dir: str = ".", peer: int | None = None) -> 
     return scenario
 
 
-def load(path: str | Path, peer: int | None = None) -> Scenario:
-    """Read and validate a scenario file; raises ScenarioError naming what is wrong."""
+def load(path: str | Path, peer: int | None = None, mode: str | None = None) -> Scenario:
+    """Read and validate a scenario file; raises ScenarioError naming what is wrong.
+
+    `mode` overrides the file's mode (how `p2pfl compare` runs one file both ways).
+    """
     p = Path(path)
     try:
         raw = tomllib.loads(p.read_text())
@@ -238,6 +324,8 @@ def load(path: str | Path, peer: int | None = None) -> Scenario:
         raise ScenarioError(f"scenario file {str(p)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{p}: not valid TOML: {exc}") from None
+    if mode is not None:
+        raw = {**raw, "mode": mode}
     return parse(raw, base_dir=str(p.parent), peer=peer)
 
 
@@ -265,6 +353,7 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
     if s.data.dataset == "npz":
         _check_npz(s, range(n) if peer is None else [peer])
     _check_pool(s)
+    _check_coordinator(s)
     if s.data.holdout is not None and not s.resolve(s.data.holdout).is_file():
         raise ScenarioError(f"data.holdout = {s.data.holdout!r}: file does not exist")
     if s.model.kind == "cnn" and s.data.dataset not in ("digits", "mnist5k"):
@@ -299,7 +388,11 @@ def _check_npz(s: Scenario, ids: range | list[int]) -> None:
         )
 
 
-_DATASET_SIZES = {"digits": 1797, "mnist5k": 5000}  # samples in the bundled datasets
+_DATASET_SIZES = {
+    "digits": 1797,
+    "breast_cancer": 569,
+    "mnist5k": 5000,
+}  # samples in the bundled datasets
 
 
 def _check_pool(s: Scenario) -> None:
@@ -321,4 +414,44 @@ def _check_pool(s: Scenario) -> None:
             f"topology.peers = {s.peers}: data.dataset = {d.dataset!r} leaves {pool} samples "
             f"outside the holdout (data.test_fraction = {d.test_fraction}), and the "
             f"{d.partition!r} partition needs at least {need} to give each peer two"
+        )
+
+
+def _check_coordinator(s: Scenario) -> None:
+    """Centralized settings that must agree with the peer count, and a reachable server."""
+    n, c = s.peers, s.centralized
+    for f in s.faults.slow:
+        if f.peer >= n:
+            raise ScenarioError(f"faults.slow: peer = {f.peer} is not a peer id in 0..{n - 1}")
+    if c.min_peers is not None and c.min_peers > n:
+        raise ScenarioError(
+            f"centralized.min_peers = {c.min_peers}: more than the {n} peers of the scenario"
+        )
+    if c.min_updates > s.min_peers:
+        raise ScenarioError(
+            f"centralized.min_updates = {c.min_updates}: more than centralized.min_peers "
+            f"= {s.min_peers}, so no round could ever close at its deadline"
+        )
+    if c.heartbeat_s * 2 > min(c.peer_timeout_s, c.coordinator_timeout_s):
+        raise ScenarioError(
+            f"centralized.heartbeat_s = {c.heartbeat_s}: must be at most half of "
+            "centralized.peer_timeout_s and centralized.coordinator_timeout_s"
+        )
+    if not s.needs_coordinator:
+        return
+    if s.coordinator.address is None:
+        if s.network.addresses is not None:
+            raise ScenarioError(
+                "coordinator.address is missing: with network.addresses the coordinator's "
+                "address cannot be derived from network.base_port"
+            )
+        if s.network.base_port + n + 1 > 65535:
+            raise ScenarioError(
+                f"network.base_port = {s.network.base_port}: no room for the coordinator's "
+                f"two ports after {n} peers"
+            )
+    if s.mode == "centralized" and s.data.dataset == "npz" and s.data.holdout is None:
+        raise ScenarioError(
+            "data.holdout is missing: in centralized mode the server evaluates the global "
+            "model on it, and learns the model's input width from it"
         )

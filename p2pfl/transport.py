@@ -1,9 +1,15 @@
-"""ZeroMQ sockets: one bound inbox per peer and one outbox per neighbour. Bytes only.
+"""ZeroMQ sockets, bytes only: the gossip mesh and the coordinator's two channels.
 
-Each peer binds a PULL socket at its address and connects one PUSH socket to each
-neighbour's address. PUSH queues for a neighbour that has not bound yet (so start-up
-order does not matter) and drops, never blocks, once that neighbour's queue is full
-(so a dead neighbour cannot stall a round). This module knows frames, not models.
+Gossip (`Transport`): each peer binds a PULL socket at its address and connects one
+PUSH socket to each neighbour's address. PUSH queues for a neighbour that has not
+bound yet (so start-up order does not matter) and drops, never blocks, once that
+neighbour's queue is full (so a dead neighbour cannot stall a round).
+
+Coordinator (`Hub` on the coordinator, `Link` on a peer): a control channel (ROUTER
+bound by the coordinator, one DEALER per peer) carries hello / welcome / start_round /
+end_session / heartbeat / bye, the talk's Socket.IO events; a separate update channel
+(PULL bound by the coordinator, PUSH from each peer) carries model updates, the role
+the talk's Kafka topic played. This module knows frames, not models.
 """
 
 from __future__ import annotations
@@ -14,10 +20,42 @@ import zmq
 
 from p2pfl.wire import MAX_FRAME_BYTES, Buffer
 
+CONTROL_LINGER_MS = 500  # a bye or end_session gets this long to leave on close
 SEND_HWM = 4  # messages queued per neighbour before sends are dropped
 LINGER_MS = 2000  # on close, time allowed to flush the last round's models
 RECV_HWM = 16  # messages ZeroMQ queues per connection before it stops reading from it
 MAX_RECV_FRAME = 2 * MAX_FRAME_BYTES  # ZMQ drops the connection of a sender above this
+
+
+def read_capped(sock: zmq.Socket, keep: int) -> list[Buffer]:
+    """The frames of one waiting message, at most `keep` of them.
+
+    The rest of an over-long message is read and discarded, so memory stays bounded
+    and the caller still sees (and can reject) a message with too many frames.
+    """
+    frames: list[Buffer] = []
+    while True:
+        frame = sock.recv(copy=False)
+        if len(frames) < keep:
+            frames.append(frame.buffer)
+        if not frame.more:
+            return frames
+
+
+def send_nowait(sock: zmq.Socket, frames: Sequence[Buffer]) -> bool:
+    """Queue a message without blocking; False if it was dropped (queue full, no route)."""
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    except (zmq.Again, zmq.ZMQError):  # ZMQError: EHOSTUNREACH from a ROUTER_MANDATORY socket
+        return False
+    return True
+
+
+def _inbound(sock: zmq.Socket) -> zmq.Socket:
+    """Receive limits every socket that reads untrusted input gets."""
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_RECV_FRAME)
+    sock.setsockopt(zmq.RCVHWM, RECV_HWM)
+    return sock
 
 
 class Transport:
@@ -31,30 +69,27 @@ class Transport:
     ) -> None:
         self._ctx = zmq.Context()
         self._max_frames = max_frames
-        self.inbox = self._ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        self.inbox.setsockopt(zmq.MAXMSGSIZE, MAX_RECV_FRAME)
         # An honest neighbour has at most a few rounds of models in flight; beyond that
         # ZeroMQ applies back-pressure to the sender instead of queueing more.
-        self.inbox.setsockopt(zmq.RCVHWM, RECV_HWM)
+        self.inbox = _inbound(self._ctx.socket(zmq.PULL))
+        self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.bind(bind)
         self.outboxes: dict[int, zmq.Socket] = {}
         for peer_id, addr in neighbours.items():
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, LINGER_MS)
-            sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-            sock.connect(addr)
-            self.outboxes[peer_id] = sock
+            self.outboxes[peer_id] = self._outbox(addr)
         self._poller = zmq.Poller()
         self._poller.register(self.inbox, zmq.POLLIN)
 
+    def _outbox(self, addr: str) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.connect(addr)
+        return sock
+
     def send(self, peer_id: int, frames: Sequence[Buffer]) -> bool:
         """Queue a message for a neighbour; False (dropped) if its queue is full."""
-        try:
-            self.outboxes[peer_id].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return False
-        return True
+        return send_nowait(self.outboxes[peer_id], frames)
 
     def recv(self, timeout_s: float) -> list[Buffer] | None:
         """The next message's frames, or None if none arrives within `timeout_s`.
@@ -64,17 +99,103 @@ class Transport:
         """
         if not self._poller.poll(max(0, int(timeout_s * 1000))):
             return None
-        frames: list[Buffer] = []
-        while True:
-            frame = self.inbox.recv(copy=False)
-            if len(frames) <= self._max_frames:
-                frames.append(frame.buffer)
-            if not frame.more:
-                return frames
+        return read_capped(self.inbox, self._max_frames + 1)
+
+    def connect(self, peer_id: int, addr: str) -> None:
+        """Add an outbox to a neighbour learnt after start-up (from the bootstrap)."""
+        self.outboxes[peer_id] = self._outbox(addr)
 
     def close(self) -> None:
         """Flush (bounded by LINGER_MS) and close every socket."""
         for sock in self.outboxes.values():
             sock.close()
         self.inbox.close()
+        self._ctx.term()
+
+
+class Link:
+    """A peer's connection to the coordinator: control DEALER, and PUSH for updates."""
+
+    def __init__(self, control: str, updates: str | None, max_frames: int) -> None:
+        self._ctx = zmq.Context()
+        self._max_frames = max_frames
+        self.control = _inbound(self._ctx.socket(zmq.DEALER))
+        self.control.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
+        self.control.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self.control.connect(control)
+        self.updates: zmq.Socket | None = None
+        if updates is not None:
+            self.updates = self._ctx.socket(zmq.PUSH)
+            self.updates.setsockopt(zmq.LINGER, LINGER_MS)
+            self.updates.setsockopt(zmq.SNDHWM, SEND_HWM)
+            self.updates.connect(updates)
+
+    def send(self, frames: Sequence[Buffer]) -> bool:
+        """Queue a control message for the coordinator; False if dropped."""
+        return send_nowait(self.control, frames)
+
+    def push(self, frames: Sequence[Buffer]) -> bool:
+        """Queue a model update on the update channel; False if dropped."""
+        if self.updates is None:
+            raise RuntimeError("this link has no update channel")
+        return send_nowait(self.updates, frames)
+
+    def recv(self, timeout_s: float) -> list[Buffer] | None:
+        """The next control message from the coordinator, or None after `timeout_s`."""
+        if not self.control.poll(max(0, int(timeout_s * 1000))):
+            return None
+        return read_capped(self.control, self._max_frames + 1)
+
+    def close(self) -> None:
+        """Flush (bounded by the lingers) and close."""
+        self.control.close()
+        if self.updates is not None:
+            self.updates.close()
+        self._ctx.term()
+
+
+class Hub:
+    """The coordinator's sockets: control ROUTER (replies by routing id) and update PULL.
+
+    ROUTER_MANDATORY makes a send to a peer whose connection is gone fail at once
+    (counted as dropped) instead of vanishing silently.
+    """
+
+    def __init__(self, control: str, updates: str | None, max_frames: int) -> None:
+        self._ctx = zmq.Context()
+        self._max_frames = max_frames
+        self.control = _inbound(self._ctx.socket(zmq.ROUTER))
+        self.control.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
+        self.control.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.bind(control)
+        self._poller = zmq.Poller()
+        self._poller.register(self.control, zmq.POLLIN)
+        self.updates: zmq.Socket | None = None
+        if updates is not None:
+            self.updates = _inbound(self._ctx.socket(zmq.PULL))
+            self.updates.setsockopt(zmq.LINGER, 0)
+            self.updates.bind(updates)
+            self._poller.register(self.updates, zmq.POLLIN)
+
+    def send(self, routing_id: bytes, frames: Sequence[Buffer]) -> bool:
+        """Queue a control message for one peer; False if dropped (gone, or queue full)."""
+        return send_nowait(self.control, [routing_id, *frames])
+
+    def recv(self, timeout_s: float) -> tuple[bytes | None, list[Buffer]] | None:
+        """(routing id, frames) of the next control message, or (None, frames) of the
+        next update; None if nothing arrives within `timeout_s`. Control goes first."""
+        ready = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
+        if self.control in ready:
+            frames = read_capped(self.control, self._max_frames + 2)
+            return bytes(frames[0]), frames[1:]
+        if self.updates is not None and self.updates in ready:
+            return None, read_capped(self.updates, self._max_frames + 1)
+        return None
+
+    def close(self) -> None:
+        """Flush (bounded by the lingers) and close."""
+        self.control.close()
+        if self.updates is not None:
+            self.updates.close()
         self._ctx.term()

@@ -42,7 +42,8 @@ def make_scenario(tmp_path: Path):
         raw = tomllib.loads((ROOT / "scenarios" / f"{base}.toml").read_text())
         data = merge(raw, overrides or {})
         peers = data.get("topology", {}).get("peers", 8)
-        data = merge(data, {"network": {"base_port": free_base_port(peers)}})
+        # peers' ports, then the coordinator's control and update ports
+        data = merge(data, {"network": {"base_port": free_base_port(peers + 2)}})
         path = tmp_path / f"{data.get('name', 'scenario')}.toml"
         path.write_text(to_toml(data))
         return path
@@ -53,10 +54,10 @@ def make_scenario(tmp_path: Path):
 class Run:
     """A `p2pfl launch` subprocess in its own process group, always cleaned up."""
 
-    def __init__(self, scenario: Path, out: Path) -> None:
+    def __init__(self, scenario: Path, out: Path, *extra: str, command: str = "launch") -> None:
         self.out = out
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2pfl", "launch", str(scenario), "--out", str(out)],
+            [sys.executable, "-m", "p2pfl", command, str(scenario), "--out", str(out), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -76,12 +77,18 @@ class Run:
         path = self.out / "pids.json"
         if not path.exists():
             return {}
-        return {int(k): v for k, v in json.loads(path.read_text()).items()}
+        return {int(k): v for k, v in json.loads(path.read_text()).items() if k.isdigit()}
+
+    def coordinator_pid(self) -> int | None:
+        """The coordinator's pid, once the launcher has written `pids.json` (None before)."""
+        path = self.out / "pids.json"
+        return json.loads(path.read_text()).get("coordinator") if path.exists() else None
 
     def peer_processes(self) -> list[psutil.Process]:
-        """This run's peer processes that are still alive (zombies count as gone)."""
+        """This run's peer (and coordinator) processes still alive (zombies count as gone)."""
         alive = []
-        for pid in self.peer_pids().values():
+        pids = [*self.peer_pids().values(), self.coordinator_pid()]
+        for pid in filter(None, pids):
             try:
                 proc = psutil.Process(pid)
                 if proc.status() != psutil.STATUS_ZOMBIE:
@@ -104,8 +111,8 @@ def launch_run(tmp_path: Path) -> Iterator[Any]:
     """Start `p2pfl launch` runs; every one is killed at teardown, pass or fail."""
     runs: list[Run] = []
 
-    def start(scenario: Path, name: str = "run") -> Run:
-        run = Run(scenario, tmp_path / name)
+    def start(scenario: Path, name: str = "run", *extra: str, command: str = "launch") -> Run:
+        run = Run(scenario, tmp_path / name, *extra, command=command)
         runs.append(run)
         return run
 
@@ -131,3 +138,40 @@ def wait_for_round(run, peer, round_, timeout):
             return
         time.sleep(0.05)
     pytest.fail(f"peer {peer} never reached round {round_} (launcher exit {run.proc.poll()})")
+
+
+@pytest.fixture
+def cli_procs(tmp_path: Path) -> Iterator[Any]:
+    """Start single `p2pfl ...` commands (a coordinator, one peer) as a host would; all are
+    killed at teardown, pass or fail. Output goes to a file per process in tmp_path."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"{name}.out").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pfl", *args], stdout=log, stderr=subprocess.STDOUT
+        )
+        proc.output_path = tmp_path / f"{name}.out"  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def wait_for(predicate, timeout: float, what: str, procs=()) -> None:
+    """Poll `predicate` until true; fail naming `what` on timeout or if a process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        dead = [p for p in procs if p.poll() not in (None, 0)]
+        if dead:
+            path = getattr(dead[0], "output_path", None)
+            said = path.read_text() if path is not None else ""
+            pytest.fail(f"waiting for {what}: a process exited with {dead[0].returncode}\n{said}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")

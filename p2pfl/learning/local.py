@@ -10,7 +10,13 @@ import numpy as np
 
 from p2pfl.learning import datasets, partition
 from p2pfl.learning.models import make_model
-from p2pfl.learning.trainer import Trainer, TrainState, make_optimizer, make_trainer
+from p2pfl.learning.trainer import (
+    FlatParams,
+    Trainer,
+    TrainState,
+    make_optimizer,
+    make_trainer,
+)
 from p2pfl.scenario import Scenario
 
 
@@ -39,6 +45,8 @@ def load_dataset(s: Scenario, peer_id: int) -> datasets.Dataset:
     d = s.data
     if d.dataset == "digits":
         return datasets.digits()
+    if d.dataset == "breast_cancer":
+        return datasets.breast_cancer()
     if d.dataset == "mnist5k":
         return datasets.mnist5k()
     if d.dataset == "synthetic":
@@ -90,16 +98,53 @@ def random_streams(s: Scenario, peer_id: int) -> tuple[int, int]:
     return init, TRAIN_STREAM_BASE + peer_id
 
 
+def evaluate(trainer: Trainer, params: FlatParams, d: LocalData) -> tuple[float, float | None]:
+    """(accuracy on the peer's own test split, accuracy on the common holdout or None)."""
+    sets: list[tuple[jax.Array, jax.Array]] = [(d.x_test, d.y_test)]
+    if d.x_holdout is not None and d.y_holdout is not None:
+        sets.append((d.x_holdout, d.y_holdout))
+    results = jax.device_get(trainer.evaluate_sets(params, tuple(sets)))
+    return float(results[0][0]), float(results[1][0]) if len(results) > 1 else None
+
+
+def _trainer(s: Scenario, ds: datasets.Dataset, n_train: int) -> Trainer:
+    model = make_model(s.model.kind, ds.x.shape[1], ds.n_classes, s.model.hidden, ds.image_shape)
+    t = s.training
+    return make_trainer(
+        model, make_optimizer(t.optimizer, t.learning_rate), n_train, t.batch_size, t.local_epochs
+    )
+
+
+class Server(NamedTuple):
+    """What the centralized server needs: the model's functions, the first global model,
+    and the common holdout it evaluates on."""
+
+    trainer: Trainer  # only `init`, `evaluate_sets` and `n_params` are used
+    params: FlatParams
+    holdout: tuple[jax.Array, jax.Array]
+
+
+def build_server(s: Scenario) -> Server:
+    """The server's side of the model: the shared initial parameters every peer starts from."""
+    if s.data.dataset == "npz":
+        if s.data.holdout is None:
+            raise ValueError("a centralized npz scenario needs data.holdout")
+        ds = datasets.npz(s.resolve(s.data.holdout), s.data.classes or 0)
+        xh, yh = ds.x, ds.y
+    else:
+        ds = load_dataset(s, 0)
+        d = s.data
+        split = partition.split(
+            ds.y, s.peers, d.partition, s.seed, d.test_fraction, d.alpha, d.shards_per_peer
+        )
+        xh, yh = ds.x[split.holdout], ds.y[split.holdout]
+    trainer = _trainer(s, ds, 1)
+    params = trainer.init(s.seed, SHARED_INIT_STREAM, TRAIN_STREAM_BASE).params
+    return Server(trainer, params, (jnp.asarray(xh), jnp.asarray(yh)))
+
+
 def build(s: Scenario, peer_id: int) -> Local:
     """Everything a peer needs to train, deterministic in (scenario, peer id)."""
     data, ds = peer_data(s, peer_id)
-    model = make_model(s.model.kind, ds.x.shape[1], ds.n_classes, s.model.hidden, ds.image_shape)
-    t = s.training
-    trainer = make_trainer(
-        model,
-        make_optimizer(t.optimizer, t.learning_rate),
-        int(data.x_train.shape[0]),
-        t.batch_size,
-        t.local_epochs,
-    )
+    trainer = _trainer(s, ds, int(data.x_train.shape[0]))
     return Local(data, trainer, trainer.init(s.seed, *random_streams(s, peer_id)), ds.n_classes)

@@ -1,0 +1,249 @@
+"""A peer in centralized mode: the talk's node, working for the FedAvg server.
+
+It says hello (with its sample count) on the control channel, then waits. A
+start_round brings the global model of the round before: the peer evaluates it
+(history line for that round), trains on its shard, and pushes its update (model,
+sample count, loss) on the update channel. end_session brings the final model: the
+peer evaluates and saves it, says bye and exits 0.
+
+The peer sends a heartbeat every `centralized.heartbeat_s` and treats any message as
+a sign of life. If the coordinator is silent for `coordinator_timeout_s` (before the
+welcome: `startup_timeout_s`), or ends the session with an error, the peer raises
+`CoordinatorLostError`, which the CLI turns into a clear message and exit code 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from p2pfl import wire
+from p2pfl.history import HistoryWriter, RoundRecord, save_model
+from p2pfl.learning.local import build, evaluate
+from p2pfl.learning.trainer import TrainState, as_numpy
+from p2pfl.scenario import Scenario
+from p2pfl.transport import Link
+
+log = structlog.get_logger()
+
+
+class CoordinatorLostError(RuntimeError):
+    """The coordinator went silent or ended the session with an error."""
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What the peer did in the last round it trained in, until that round's line is written."""
+
+    round: int
+    loss: float
+    model: np.ndarray  # the update it sent
+    train_s: float
+
+
+class FedClient:
+    """Owns one centralized-mode peer's link to the coordinator and its history file."""
+
+    def __init__(self, scenario: Scenario, peer_id: int, out_dir: Path) -> None:
+        self.s = scenario
+        self.id = peer_id
+        self.out_dir = out_dir
+        self.local = build(scenario, peer_id)
+        self.samples = int(self.local.data.x_train.shape[0])
+        n_params = self.local.trainer.n_params
+        self.expect = wire.Expect(scenario.digest(), scenario.peers, {"params": (n_params,)})
+        self.coordinator = scenario.coordinator_addresses()
+        self.link = Link(*self.coordinator, self.expect.max_frames)
+        self.history = HistoryWriter(out_dir / f"peer-{peer_id}.jsonl")
+        self.log = log.bind(peer=peer_id)
+        self.t0 = time.perf_counter()
+        self.welcomed = False
+        self.last_heard = self.last_sent = time.monotonic()
+        self.sent = self.received = 0  # bytes since the last history line
+        self.wait_s = 0.0
+        self.cpu0 = 0.0
+        self.recorded = -1  # the last round with a history line
+        self.trained: _Trained | None = None
+
+    # -- messages ------------------------------------------------------------------
+
+    def _send(
+        self, msg_type: str, round_: int, meta: dict, params: np.ndarray | None = None
+    ) -> None:
+        arrays = {"params": params} if params is not None else None
+        frames = wire.encode(msg_type, self.id, round_, self.expect.scenario, meta, arrays)
+        ok = self.link.push(frames) if msg_type == "update" else self.link.send(frames)
+        if ok:
+            self.sent += sum(memoryview(f).nbytes for f in frames)
+        else:
+            self.log.info("send_dropped", to="coordinator", type=msg_type)
+        self.last_sent = time.monotonic()
+
+    def _lost(self, reason: str) -> CoordinatorLostError:
+        self.log.error("coordinator_lost", reason=reason, coordinator=self.coordinator[0])
+        return CoordinatorLostError(f"peer {self.id}: {reason} (coordinator {self.coordinator[0]})")
+
+    def _receive(self, timeout_s: float) -> wire.Message | None:
+        """One checked message from the coordinator within `timeout_s` (heartbeats included)."""
+        t = time.perf_counter()
+        frames = self.link.recv(timeout_s)
+        self.wait_s += time.perf_counter() - t
+        if frames is None:
+            return None
+        self.received += sum(memoryview(f).nbytes for f in frames)
+        try:
+            msg = wire.decode(frames, self.expect)
+        except wire.WireError as exc:
+            self.log.warning("message_dropped", reason=str(exc))
+            return None
+        if msg.sender != self.s.peers:
+            self.log.warning(
+                "message_dropped", reason="not from the coordinator", sender=msg.sender
+            )
+            return None
+        self.last_heard = time.monotonic()
+        return msg
+
+    def _next(self) -> wire.Message:
+        """The newest welcome / start_round / end_session, heartbeating while it waits.
+
+        Messages already queued behind a start_round are read at once, so a peer that
+        fell behind (a straggler) skips to the newest round instead of replaying old ones.
+        """
+        c = self.s.centralized
+        found: wire.Message | None = None
+        while True:
+            now = time.monotonic()
+            limit = c.coordinator_timeout_s if self.welcomed else c.startup_timeout_s
+            if found is None and now - self.last_heard > limit:
+                what = "no welcome" if not self.welcomed else "no message"
+                raise self._lost(f"{what} from the coordinator for {limit:g} s")
+            if self.welcomed and now - self.last_sent >= c.heartbeat_s:
+                self._send("heartbeat", 0, {})
+            wait = 0.0 if found is not None else min(c.heartbeat_s, limit)
+            msg = self._receive(wait)
+            if msg is None:
+                if found is not None and not self.link.control.poll(0):
+                    return found
+                continue
+            if msg.type == "welcome" and not self.welcomed:
+                self.welcomed = True
+                self.log.info("joined", round=msg.meta.get("round"))
+            elif msg.type in ("start_round", "end_session"):
+                if found is not None:
+                    self.log.info("skipped_round", skipped=found.round, newer=msg.round)
+                found = msg
+            elif msg.type != "heartbeat":
+                self.log.warning("message_dropped", reason=f"unexpected type {msg.type!r}")
+
+    # -- rounds --------------------------------------------------------------------
+
+    def _record(self, round_: int, state: TrainState, global_params: np.ndarray | None) -> None:
+        """The history line of `round_`: the global model after it, as this peer sees it."""
+        t = time.perf_counter()
+        test_acc, hold_acc = evaluate(self.local.trainer, state.params, self.local.data)
+        eval_s = time.perf_counter() - t
+        mine = self.trained if self.trained and self.trained.round == round_ else None
+        disagreement = None
+        if mine is not None and global_params is not None:
+            disagreement = float(np.linalg.norm(mine.model - global_params))
+        self.history.write(
+            RoundRecord(
+                round=round_,
+                train_loss=mine.loss if mine else None,
+                test_accuracy=test_acc,
+                holdout_accuracy=hold_acc,
+                bytes_sent=self.sent,
+                bytes_received=self.received,
+                train_s=mine.train_s if mine else 0.0,
+                eval_s=eval_s,
+                comm_s=0.0,
+                wait_s=self.wait_s,
+                cpu_s=time.process_time() - self.cpu0,
+                neighbours_heard=[],
+                neighbours_missing=[],
+                disagreement=disagreement,
+                t=time.perf_counter() - self.t0,
+                time=time.time(),
+            )
+        )
+        self.sent = self.received = 0
+        self.wait_s = 0.0
+        self.cpu0 = time.process_time()
+        self.recorded = round_
+
+    def _adopt(self, msg: wire.Message, state: TrainState) -> tuple[TrainState, np.ndarray]:
+        params = np.asarray(msg.arrays["params"])
+        state = self.local.trainer.with_params(state, params)
+        if msg.round - 1 > self.recorded:  # the global model after round msg.round - 1
+            self._record(msg.round - 1, state, params)
+        return state, params
+
+    def _train(self, round_: int, state: TrainState) -> TrainState:
+        t = time.perf_counter()
+        state, loss = self.local.trainer.train(
+            state, self.local.data.x_train, self.local.data.y_train
+        )
+        model = as_numpy(state.params)
+        train_s = time.perf_counter() - t
+        delay = self.s.slow_delay(self.id)
+        if delay:
+            time.sleep(delay)  # an injected straggler (faults.slow), on purpose
+        meta = {"samples": self.samples, "loss": float(loss)}
+        self._send("update", round_, meta, model)
+        self.trained = _Trained(round_, float(loss), model, train_s)
+        return state
+
+    def run(self) -> None:
+        """Join, train whenever sampled, and finish with the final global model."""
+        state = self.local.state
+        self.cpu0 = 0.0
+        self._record(0, state, None)
+        # Compile before saying hello: a sampled peer's first round must not spend the
+        # round's deadline compiling (the gossip loop allows round 1 extra time instead).
+        d = self.local.data
+        self.local.trainer.train.lower(state, d.x_train, d.y_train).compile()  # type: ignore[attr-defined]
+        self._send("hello", 0, {"samples": self.samples})
+        self.log.info("peer_started", coordinator=self.coordinator[0], samples=self.samples)
+        while True:
+            msg = self._next()
+            if msg.type == "end_session":
+                break
+            if "params" not in msg.arrays:
+                self.log.warning("message_dropped", reason="start_round without params")
+                continue
+            structlog.contextvars.bind_contextvars(round=msg.round)
+            state, _ = self._adopt(msg, state)
+            state = self._train(msg.round, state)
+        structlog.contextvars.unbind_contextvars("round")
+        error = msg.meta.get("error")
+        if error is not None or "params" not in msg.arrays:
+            raise self._lost(f"the coordinator ended the session: {error or 'no final model'}")
+        # end_session carries the model after the last round: the line for that round
+        state, params = self._adopt(_next_round(msg), state)
+        save_model(self.out_dir / "models" / f"peer-{self.id}.npz", params)
+        self._send("bye", msg.round, {})
+        self.log.info("peer_finished", rounds=msg.round)
+
+    def close(self) -> None:
+        """Flush the bye and release the sockets and the history file."""
+        self.link.close()
+        self.history.close()
+
+
+def _next_round(msg: wire.Message) -> wire.Message:
+    """end_session of round R read as if it started round R + 1 (it carries model R)."""
+    return wire.Message(msg.type, msg.sender, msg.round + 1, msg.meta, msg.arrays)
+
+
+def run_client(scenario: Scenario, peer_id: int, out_dir: Path) -> None:
+    """Run one centralized-mode peer to the end of the session; sockets closed even on error."""
+    client = FedClient(scenario, peer_id, out_dir)
+    try:
+        client.run()
+    finally:
+        client.close()
