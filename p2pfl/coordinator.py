@@ -213,7 +213,7 @@ class Coordinator:
         if not self.centralized or now - self.last_beat < self.s.centralized.heartbeat_s:
             return
         self.last_beat = now
-        for peer in list(self.members):
+        for peer in self._live():  # a peer silent past peer_timeout_s gets none until it speaks
             self._send(peer, "heartbeat", {})
 
     def _live(self) -> list[int]:

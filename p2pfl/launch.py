@@ -293,8 +293,12 @@ class Launcher:
                 for t in tails:
                     t.poll()
                 live.update(self._view(progress, task))
-            if self.coordinator is not None and self.s.mode == "centralized":
-                self.coordinator.join(COORDINATOR_END_S)  # it waits for the peers' byes
+            if self.coordinator is not None:  # it waits for the peers' byes, then exits
+                c = self.s.centralized
+                centralized = self.s.mode == "centralized"
+                self.coordinator.join(
+                    max(COORDINATOR_END_S, c.coordinator_timeout_s + 5) if centralized else 2.0
+                )
             for t in tails:
                 t.poll()
             live.update(self._view(progress, task))

@@ -14,9 +14,8 @@ from p2pfl.learning.local import build
 from p2pfl.scenario import load
 
 
-def bad_messages(scenario: str, n_params: int) -> list[tuple[str, list[bytes]]]:
-    """(expected reason fragment, frames) for every kind of bad input the issue lists."""
-    good = np.zeros(n_params, np.float32)
+def header_maker(scenario: str, n_params: int, **base):
+    """A function building msgpack headers: a valid model message, `base` and then changes."""
 
     def header(**changes):
         h = {
@@ -28,8 +27,17 @@ def bad_messages(scenario: str, n_params: int) -> list[tuple[str, list[bytes]]]:
             "meta": {"degree": 2},
             "arrays": [{"name": "params", "dtype": "float32", "shape": [n_params], "frames": 1}],
         }
+        h.update(base)
         h.update(changes)
         return msgpack.packb(h)
+
+    return header
+
+
+def wire_level(scenario: str, n_params: int, **base) -> list[tuple[str, list[bytes]]]:
+    """(reason fragment, frames) for bad input that `wire.decode` itself refuses."""
+    good = np.zeros(n_params, np.float32)
+    header = header_maker(scenario, n_params, **base)
 
     def desc(**changes):
         d = {"name": "params", "dtype": "float32", "shape": [n_params], "frames": 1}
@@ -56,14 +64,23 @@ def bad_messages(scenario: str, n_params: int) -> list[tuple[str, list[bytes]]]:
         ),
         ("NaN or Inf", [header(), nan.tobytes()]),
         ("NaN or Inf", [header(), inf.tobytes()]),
-        ("not a neighbour", [header(sender=4), good.tobytes()]),
-        ("too far ahead", [header(round=10**6), good.tobytes()]),
         ("truncated", [header(arrays=desc(frames=2)), good.tobytes()]),
         ("carries", [header(), good.tobytes()[:-8]]),
         ("exceeds", [header(arrays=desc(frames=1)), b"\0" * (wire.MAX_FRAME_BYTES + 4096)]),
         ("frames", [header()] + [good.tobytes()] * 50),
         ("sender", [header(sender=10**9), good.tobytes()]),
         ("msgpack", [b"\x80\x04\x95" + b"cos\nsystem\n" + b"\x00" * 20]),  # a pickle
+    ]
+
+
+def bad_messages(scenario: str, n_params: int) -> list[tuple[str, list[bytes]]]:
+    """(expected reason fragment, frames) for every kind of bad input the issue lists."""
+    good = np.zeros(n_params, np.float32).tobytes()
+    header = header_maker(scenario, n_params)
+    return [
+        *wire_level(scenario, n_params),
+        ("not a neighbour", [header(sender=4), good]),
+        ("too far ahead", [header(round=10**6), good]),
     ]
 
 

@@ -87,3 +87,41 @@ def test_one_peer_command_per_host_with_npz_data(tmp_path, peer_procs):
         assert all(r["neighbours_missing"] == [] for r in rows[1:])
     spread = max(np.linalg.norm(m - models[1]) for m in models)
     assert spread < 0.05 * np.linalg.norm(models[1])  # the peers agree on one model
+
+
+def test_bootstrap_gives_peers_their_neighbours_addresses(tmp_path, peer_procs):
+    """Peers on addresses the file never lists find each other through the coordinator."""
+    port, control = free_base_port(1), free_base_port(2)
+    scenario = tmp_path / "boot.toml"
+    scenario.write_text(
+        to_toml(
+            {
+                "name": "boot",
+                "topology": {"kind": "line", "peers": 3},
+                "model": {"kind": "logreg"},
+                "training": {"rounds": 10},
+                "coordinator": {"address": f"tcp://127.0.0.1:{control}", "bootstrap": True},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    addresses = {i: f"tcp://127.0.0.{i + 1}:{port}" for i in range(3)}
+    base = [sys.executable, "-m", "p2pfl"]
+    commands = [[*base, "coordinator", str(scenario), "--out", str(out)]] + [
+        [*base, "peer", str(scenario), "--id", str(i), "--address", addresses[i], "--out", str(out)]
+        for i in (2, 0, 1)
+    ]
+    for command in commands:
+        peer_procs.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    for p in peer_procs:  # the coordinator exits 0 once every peer has said bye
+        output, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, output.decode(errors="replace")
+    neighbours = {0: [1], 1: [0, 2], 2: [1]}
+    for i in range(3):
+        log = read_jsonl(out / "logs" / f"peer-{i}.jsonl")
+        [boot] = [e for e in log if e["event"] == "bootstrapped"]
+        assert boot["neighbours"] == {str(j): addresses[j] for j in neighbours[i]}
+        rows = read_jsonl(out / f"peer-{i}.jsonl")
+        assert rows[-1]["round"] == 10 and all(r["neighbours_missing"] == [] for r in rows[1:])

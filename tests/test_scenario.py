@@ -31,6 +31,52 @@ BAD = [
     ("unknown optimizer", '[training]\noptimizer = "lbfgs"\n', ["training.optimizer", "lbfgs"]),
     ("unknown mixing", '[gossip]\nmixing = "maxdegree"\n', ["gossip.mixing", "maxdegree"]),
     ("unknown mode", 'mode = "centralised"\n', ["mode", "centralised"]),
+    ("zero fraction", "[centralized]\nfraction = 0\n", ["centralized.fraction", "0"]),
+    ("fraction above one", "[centralized]\nfraction = 1.5\n", ["centralized.fraction", "1.5"]),
+    ("zero min_peers", "[centralized]\nmin_peers = 0\n", ["centralized.min_peers", "0"]),
+    (
+        "min_peers above peers",
+        "[centralized]\nmin_peers = 9\n",
+        ["centralized.min_peers = 9", "8 peers"],
+    ),
+    (
+        "min_updates above min_peers",
+        "[centralized]\nmin_peers = 2\nmin_updates = 3\n",
+        ["centralized.min_updates = 3", "min_peers = 2"],
+    ),
+    (
+        "heartbeat too slow",
+        "[centralized]\nheartbeat_s = 6\n",
+        ["centralized.heartbeat_s = 6", "half"],
+    ),
+    ("unknown weighting", '[centralized]\nweighting = "loss"\n', ["centralized.weighting"]),
+    (
+        "bad coordinator address",
+        '[coordinator]\naddress = "udp://1.2.3.4:9"\n',
+        ["coordinator.address", "tcp://HOST:PORT"],
+    ),
+    (
+        "coordinator port without room for updates",
+        '[coordinator]\naddress = "tcp://127.0.0.1:65535"\n',
+        ["coordinator.address", "65534"],
+    ),
+    (
+        "centralized addresses without coordinator address",
+        'mode = "centralized"\n[topology]\npeers = 2\n'
+        '[network]\naddresses = ["tcp://10.0.0.1:1", "tcp://10.0.0.2:1"]\n',
+        ["coordinator.address is missing", "network.addresses"],
+    ),
+    (
+        "straggler out of range",
+        "[faults]\nslow = [{peer = 8, delay_s = 1.0}]\n",
+        ["faults.slow", "peer = 8", "0..7"],
+    ),
+    (
+        "straggler without delay",
+        "[faults]\nslow = [{peer = 1}]\n",
+        ["faults.slow.0.delay_s", "required"],
+    ),
+    ("unknown output", '[output]\nmodels = "best"\n', ["output.models", "best"]),
     ("one peer", "[topology]\npeers = 1\n", ["topology.peers", "1", "greater than or equal to 2"]),
     ("zero peers", "[topology]\npeers = 0\n", ["topology.peers", "0"]),
     ("negative rounds", "[training]\nrounds = -1\n", ["training.rounds", "-1"]),

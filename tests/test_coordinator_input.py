@@ -1,0 +1,137 @@
+"""Bad input thrown at the coordinator: each message dropped with one log line, run completes."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import zmq
+from conftest import read_jsonl, wait_for
+from structlog.testing import capture_logs
+from test_bad_input import header_maker, wire_level
+
+from p2pfl import wire
+from p2pfl.coordinator import Coordinator, _Member
+from p2pfl.learning.local import build
+from p2pfl.scenario import load
+
+ROUNDS = 400
+
+
+def drops(out):
+    """The coordinator's message_dropped events, in order."""
+    log = out / "logs" / "coordinator.jsonl"
+    return [e for e in read_jsonl(log) if e["event"] == "message_dropped"]
+
+
+def send_all(kind, addr, cases):
+    """Send every case's frames over a fresh socket of `kind`, flushing before it closes."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(addr)
+    try:
+        for _, frames in cases:
+            sock.send_multipart(frames)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_bad_input_to_the_server_is_dropped_and_the_run_completes(
+    make_scenario, cli_procs, tmp_path
+):
+    """Wire-level garbage, unknown peers, wrong rounds and spoofed ids on both channels."""
+    scenario = make_scenario(
+        {
+            "name": "serverinput",
+            "mode": "centralized",
+            "topology": {"kind": "ring", "peers": 4},  # peer 3 never joins: an unknown peer
+            "model": {"kind": "logreg"},
+            "training": {"rounds": ROUNDS, "local_epochs": 1},
+            "centralized": {"min_peers": 3},
+            "faults": {"slow": [{"peer": 0, "delay_s": 0.01}]},  # rounds of >= 10 ms
+        }
+    )
+    s = load(scenario)
+    n = build(s, 0).trainer.n_params
+    control, updates = s.coordinator_addresses()
+    good = np.zeros(n, np.float32).tobytes()
+    update = header_maker(s.digest(), n, type="update", sender=0, meta={"samples": 10})
+    update_cases = [
+        *wire_level(s.digest(), n, type="update", sender=0, meta={"samples": 10}),
+        ("has not joined", [update(sender=3), good]),
+        ("update for round 1000000", [update(round=10**6), good]),
+        ("unexpected message type 'model' on the update channel", [update(type="model"), good]),
+    ]
+    beat = header_maker(s.digest(), n, type="heartbeat", sender=0, meta={}, arrays=[])
+    control_cases = [
+        *wire_level(s.digest(), n, type="heartbeat", sender=0, meta={}),
+        ("claimed from another connection", [beat()]),  # peer 0 is alive elsewhere
+        ("has not joined", [beat(sender=3)]),
+    ]
+
+    out = tmp_path / "run"
+    common = [str(scenario), "--out", str(out)]
+    procs = [cli_procs("coordinator", "coordinator", *common)]
+    procs += [cli_procs(f"peer-{i}", "peer", *common, "--id", str(i)) for i in range(3)]
+    rows = out / "coordinator.jsonl"
+    wait_for(lambda: len(read_jsonl(rows)) > 2, 120, "round 2", procs)
+    send_all(zmq.PUSH, updates, update_cases)
+    wait_for(lambda: len(drops(out)) >= len(update_cases), 30, "update drops", procs)
+    send_all(zmq.DEALER, control, control_cases)
+    cases = update_cases + control_cases
+    wait_for(lambda: len(drops(out)) >= len(cases), 30, "control drops", procs)
+    assert read_jsonl(rows)[-1]["round"] < ROUNDS, "the run ended before the messages landed"
+
+    for p in procs:
+        assert p.wait(240) == 0, p.output_path.read_text()
+    events = drops(out)
+    assert len(events) == len(cases), [e["reason"] for e in events]
+    for (fragment, _), event in zip(cases, events, strict=True):
+        assert fragment in event["reason"], (fragment, event["reason"])
+    history = read_jsonl(rows)
+    assert history[-1]["round"] == ROUNDS and history[-1]["holdout_accuracy"] >= 0.9
+    assert all(r["participants"] == [0, 1, 2] for r in history[1:])
+
+
+def test_update_checks_in_the_server(make_scenario, tmp_path):
+    """Not sampled, bad samples or loss, late, duplicate: dropped; one good update is kept."""
+    scenario = make_scenario(
+        {"name": "updates", "mode": "centralized", "topology": {"kind": "ring", "peers": 3}}
+    )
+    s = load(scenario)
+    with capture_logs() as logs:
+        c = Coordinator(s, tmp_path)
+        try:
+            now = time.monotonic()
+            c.members = {i: _Member(bytes([i]), now, 0) for i in range(3)}
+            c.round, c.sampled = 2, [0, 2]
+            params = np.ones(c.expect.shapes["params"], np.float32)
+
+            def update(sender, round_, meta):
+                frames = wire.encode("update", sender, round_, s.digest(), meta, {"params": params})
+                c._on_update(wire.decode(frames, c.expect))
+
+            update(1, 2, {"samples": 5})
+            update(0, 2, {"samples": 0})
+            update(0, 2, {"samples": True})
+            update(0, 2, {"samples": 5, "loss": "0.1"})
+            update(0, 2, {"samples": 5, "loss": math.inf})
+            update(0, 1, {"samples": 5})
+            update(0, 2, {"samples": 5, "loss": 0.25})
+            update(0, 2, {"samples": 5, "loss": 0.25})
+        finally:
+            c.close()
+    reasons = [e["reason"] for e in logs if e["event"] == "message_dropped"]
+    assert reasons == [
+        "update from a peer not sampled this round",
+        "meta.samples missing or out of range",
+        "meta.samples missing or out of range",
+        "meta.loss is not a finite float",
+        "meta.loss is not a finite float",
+        "duplicate update for this round",
+    ]
+    assert [e["sender"] for e in logs if e["event"] == "late_update"] == [0]
+    assert list(c.updates) == [0] and c.updates[0].samples == 5 and c.updates[0].loss == 0.25
