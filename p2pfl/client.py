@@ -24,7 +24,7 @@ import structlog
 from p2pfl import wire
 from p2pfl.history import HistoryWriter, RoundRecord, save_model
 from p2pfl.learning.local import build, evaluate
-from p2pfl.learning.trainer import TrainState, as_numpy
+from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
 from p2pfl.scenario import Scenario
 from p2pfl.transport import Link
 
@@ -142,10 +142,12 @@ class FedClient:
 
     # -- rounds --------------------------------------------------------------------
 
-    def _record(self, round_: int, state: TrainState, global_params: np.ndarray | None) -> None:
-        """The history line of `round_`: the global model after it, as this peer sees it."""
+    def _record(
+        self, round_: int, params: FlatParams, evaluated_on: str, global_params: np.ndarray | None
+    ) -> None:
+        """The history line of `round_`, with the accuracy of `params` (see `_adopt`)."""
         t = time.perf_counter()
-        test_acc, hold_acc = evaluate(self.local.trainer, state.params, self.local.data)
+        test_acc, hold_acc = evaluate(self.local.trainer, params, self.local.data)
         eval_s = time.perf_counter() - t
         mine = self.trained if self.trained and self.trained.round == round_ else None
         disagreement = None
@@ -169,6 +171,7 @@ class FedClient:
                 disagreement=disagreement,
                 t=time.perf_counter() - self.t0,
                 time=time.time(),
+                evaluated_on=evaluated_on,
             )
         )
         self.sent = self.received = 0
@@ -177,10 +180,20 @@ class FedClient:
         self.recorded = round_
 
     def _adopt(self, msg: wire.Message, state: TrainState) -> tuple[TrainState, np.ndarray]:
+        """Take the global model a message carries: the model after round `msg.round - 1`.
+
+        Its round gets a history line evaluated on it. A round this peer trained in whose
+        global model it never received (it was not sampled in the next round) gets its
+        line first, evaluated on the update the peer sent: the best model it had then.
+        """
+        done = msg.round - 1
         params = np.asarray(msg.arrays["params"])
+        mine = self.trained
+        if mine is not None and self.recorded < mine.round < done:
+            self._record(mine.round, mine.model, "update", None)
         state = self.local.trainer.with_params(state, params)
-        if msg.round - 1 > self.recorded:  # the global model after round msg.round - 1
-            self._record(msg.round - 1, state, params)
+        if done > self.recorded:
+            self._record(done, state.params, "global", params)
         return state, params
 
     def _train(self, round_: int, state: TrainState) -> TrainState:
@@ -202,7 +215,7 @@ class FedClient:
         """Join, train whenever sampled, and finish with the final global model."""
         state = self.local.state
         self.cpu0 = 0.0
-        self._record(0, state, None)
+        self._record(0, state.params, "initial", None)
         # Compile before saying hello: a sampled peer's first round must not spend the
         # round's deadline compiling (the gossip loop allows round 1 extra time instead).
         d = self.local.data

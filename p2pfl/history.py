@@ -31,6 +31,10 @@ class RoundRecord:
     disagreement: float | None
     t: float  # seconds since the peer process started
     time: float  # unix time the record was written (runs and modes share this clock)
+    # what the accuracies were measured on: "initial" (round 0), "mixed" (gossip), and in
+    # centralized mode "global" (the server's model after the round) or "update" (the
+    # peer's own update, for a round whose global model it never received)
+    evaluated_on: str
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,7 @@ class Launcher:
         if self.coordinator is not None:
             role = "server" if self.s.mode == "centralized" else "bootstrap"
             coordinator = {"role": role, "exit_code": self.coordinator.exitcode}
+        server = history.read(self.server_tail.path) if self.s.mode == "centralized" else None
         summary = history.summarize(
             self.s.name,
             self.s.mode,
@@ -327,12 +328,13 @@ class Launcher:
             wall_s,
             started_at,
             coordinator,
-            history.read(self.server_tail.path) if self.s.mode == "centralized" else None,
+            server,
         )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from p2pfl.plots import accuracy_plot
 
-        accuracy_plot(histories, self.out / "accuracy.png", title=f"{self.s.name} ({self.s.mode})")
+        title = f"{self.s.name} ({self.s.mode})"
+        accuracy_plot(histories, self.out / "accuracy.png", title, server)
         return summary
 
 

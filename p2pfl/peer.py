@@ -238,6 +238,7 @@ class GossipPeer:
                 disagreement=mixed.disagreement,
                 t=time.perf_counter() - self.t0,
                 time=time.time(),
+                evaluated_on="mixed",
             )
         )
         if self.s.output.models == "every_round":
@@ -280,6 +281,7 @@ class GossipPeer:
                 disagreement=None,
                 t=time.perf_counter() - self.t0,
                 time=time.time(),
+                evaluated_on="initial",
             )
         )
         if self.s.coordinator.bootstrap:

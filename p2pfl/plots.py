@@ -13,8 +13,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
-def accuracy_plot(histories: Mapping[int, list[dict[str, Any]]], path: Path, title: str) -> None:
-    """Holdout accuracy per round: one thin line per peer and their mean in bold."""
+def accuracy_plot(
+    histories: Mapping[int, list[dict[str, Any]]],
+    path: Path,
+    title: str,
+    server: list[dict[str, Any]] | None = None,
+) -> None:
+    """Holdout accuracy per round: one thin line per peer, their mean in bold, and (in
+    centralized mode) the server's global model."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
     for peer, rows in sorted(histories.items()):
@@ -29,6 +35,10 @@ def accuracy_plot(histories: Mapping[int, list[dict[str, Any]]], path: Path, tit
         rounds = sorted({r for s in series.values() for r in s})
         mean = [np.mean([s[r] for s in series.values() if r in s]) for r in rounds]
         ax.plot(rounds, mean, lw=2.5, color="black", label="mean")
+    pts = [(r["round"], r["holdout_accuracy"]) for r in server or [] if r["holdout_accuracy"]]
+    if pts:
+        x, y = zip(*pts, strict=True)
+        ax.plot(x, y, lw=1.5, ls="--", color="tab:red", label="global model (server)")
     ax.set(xlabel="round", ylabel="holdout accuracy", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")

@@ -113,6 +113,38 @@ def test_min_peers_then_late_joiner_from_the_next_round(make_scenario, cli_procs
     assert history[-1]["round"] == 1500 and history[-1]["holdout_accuracy"] >= 0.9
 
 
+def test_fraction_samples_peers_per_round(make_scenario, launch_run):
+    """fraction = 0.5 of 6: three sampled per round, varying; each peer trains when sampled."""
+    rounds = 6
+    scenario = make_scenario(
+        {
+            "name": "fraction",
+            "mode": "centralized",
+            "topology": {"kind": "ring", "peers": 6},
+            "model": {"kind": "logreg"},
+            "training": {"rounds": rounds, "local_epochs": 1},
+            "centralized": {"fraction": 0.5},
+        }
+    )
+    run = launch_run(scenario)
+    rc, output = run.wait(timeout=180)
+    assert rc == 0, output
+    rows = server_rows(run.out)[1:]
+    assert all(len(r["sampled"]) == 3 and r["participants"] == r["sampled"] for r in rows)
+    assert len({tuple(r["sampled"]) for r in rows}) > 1  # a fresh sample every round
+    final = np.load(run.out / "models" / "global.npz")["params"]
+    for i in range(6):
+        history = read_jsonl(run.out / f"peer-{i}.jsonl")
+        trained = [r["round"] for r in history if r["train_loss"] is not None]
+        assert trained == [r["round"] for r in rows if i in r["sampled"]]
+        received = {r["round"] - 1 for r in rows if i in r["sampled"]} | {rounds}
+        for line in history[1:]:  # the global model when it came, else the peer's own update
+            assert line["evaluated_on"] == ("global" if line["round"] in received else "update")
+        assert history[-1]["round"] == rounds
+        assert np.array_equal(np.load(run.out / "models" / f"peer-{i}.npz")["params"], final)
+    assert (run.out / "accuracy.png").stat().st_size > 1000
+
+
 def test_straggler_does_not_stall_the_round(make_scenario, launch_run):
     """A peer delayed past the deadline: rounds close without it and say it was missing."""
     scenario = make_scenario(
@@ -213,5 +245,7 @@ def test_compare_quickstart_traffic_matches_theory(make_scenario, launch_run):
     assert 0.9 * n / 2 <= report["busiest_ratio"] <= 1.1 * n / 2, report["busiest_ratio"]
     assert c["final_accuracy_mean"] >= 0.93 and g["final_accuracy_mean"] >= 0.93
     assert (run.out / "compare.png").stat().st_size > 1000
+    summaries = [json.loads((run.out / m / "summary.json").read_text()) for m in report["modes"]]
+    assert set(summaries[0]) == set(summaries[1])  # one summary format for both modes
     assert "coordinator" in (run.out / "compare.md").read_text()
     assert "centralized" in output and "gossip" in output

@@ -12,7 +12,7 @@ import pytest
 
 from p2pfl import wire
 from p2pfl.cli import main
-from p2pfl.gossip import mix
+from p2pfl.gossip import mix, weighted_mean
 from p2pfl.scenario import Topology
 from p2pfl.topology import (
     build_graph,
@@ -318,6 +318,42 @@ def test_mix_refuses_a_model_of_another_size():
     own = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="elements"):
         mix(own, {1: _in_chunks(np.zeros(5, np.float32), 2)}, {1: 0.5})
+
+
+def test_weighted_mean_is_fedavg_and_reads_chunked_models():
+    """weighted_mean = Σ n_j x_j / Σ n_j, for chunked and plain models alike."""
+    rng = np.random.default_rng(9)
+    models = {j: rng.normal(size=13).astype(np.float32) for j in (0, 3, 5)}
+    samples = {0: 10.0, 3: 30.0, 5: 60.0}
+    expected = np.average(np.stack(list(models.values())), axis=0, weights=[10, 30, 60])
+    chunked = {0: _in_chunks(models[0], 6), 3: _in_chunks(models[3], 1, 12), 5: models[5]}
+    out = weighted_mean(chunked, samples)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    np.testing.assert_array_equal(out, weighted_mean(models, samples))
+    assert out.dtype == np.float32
+    uniform = weighted_mean(models, dict.fromkeys(models, 1.0))
+    np.testing.assert_allclose(uniform, np.mean(list(models.values()), axis=0), rtol=1e-6)
+
+
+def test_weighted_mean_on_a_full_graph_equals_every_peers_mix():
+    """Full graph: each peer's Metropolis mix is bit for bit the uniform FedAvg of all models."""
+    rng = np.random.default_rng(10)
+    n = 8
+    x = rng.normal(size=(n, 50)).astype(np.float32)
+    g = nx.complete_graph(n)
+    fedavg = weighted_mean(dict(enumerate(x)), dict.fromkeys(range(n), 1.0))
+    for i in range(n):
+        weights = local_weights("metropolis", n - 1, {j: n - 1 for j in g[i]})
+        mixed = mix(x[i], {j: x[j] for j in g[i]}, weights).params
+        np.testing.assert_array_equal(mixed, fedavg)
+
+
+def test_weighted_mean_refuses_nothing_and_zero_weights():
+    """No model, or weights summing to zero, is an error rather than a silent NaN."""
+    with pytest.raises(ValueError, match="no models"):
+        weighted_mean({}, {})
+    with pytest.raises(ValueError, match="weights sum"):
+        weighted_mean({1: np.ones(2, np.float32)}, {1: 0.0})
 
 
 def _network_round(g: nx.Graph, x: np.ndarray, dropped: set[tuple[int, int]]) -> np.ndarray:
