@@ -40,7 +40,7 @@ class Row:
     value: float
     unit: str
     target: float | None = None
-    better: str = "lower"  # "lower": target is a ceiling; "higher": target is a floor
+    better: str = "lower"  # "lower": target is a ceiling; "higher": a floor; "about": ±10%
     note: str = ""
 
     @property
@@ -53,6 +53,8 @@ class Row:
     def ok(self) -> bool | None:
         if self.target is None:
             return None
+        if self.better == "about":
+            return abs(self.value / self.target - 1) <= 0.1
         return self.value <= self.target if self.better == "lower" else self.value >= self.target
 
 
@@ -81,7 +83,7 @@ def print_table(title: str, rows: Sequence[Row], notes: Iterable[str] = ()) -> N
         target = (
             "-"
             if r.target is None
-            else ("≤ " if r.better == "lower" else "≥ ") + fmt(r.target, r.unit)
+            else {"lower": "≤ ", "about": "≈ "}.get(r.better, "≥ ") + fmt(r.target, r.unit)
         )
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
         met = {None: "", True: "[green]yes[/]", False: "[red]NO[/]"}[r.ok]

@@ -96,6 +96,7 @@ class Coordinator:
         self.updates: dict[int, _Update] = {}
         self.sent = self.received = 0  # bytes this round
         self.last_beat = 0.0
+        self.quorum_wait_s = 0.0
         self.t0 = time.perf_counter()
         self.history: HistoryWriter | None = None
         role = "server" if self.centralized else "bootstrap"
@@ -286,6 +287,7 @@ class Coordinator:
                 closed_by=closed_by,
                 bytes_sent=self.sent,
                 bytes_received=self.received,
+                quorum_wait_s=self.quorum_wait_s,
                 round_s=time.perf_counter() - t_round,
                 aggregate_s=agg_s,
                 eval_s=eval_s,
@@ -304,8 +306,10 @@ class Coordinator:
         from p2pfl.gossip import weighted_mean
 
         c = self.s.centralized
-        t_round = time.perf_counter()
+        t = time.perf_counter()
         self._await_quorum()
+        self.quorum_wait_s = time.perf_counter() - t
+        t_round = time.perf_counter()
         connected = self._live()
         self.sampled = self._sample(connected)
         self.updates = {}

@@ -52,7 +52,8 @@ class ServerRecord:
     closed_by: str  # "all_in" | "deadline" | "quorum_missed" (global model kept) | "initial"
     bytes_sent: int  # by the coordinator, this round
     bytes_received: int
-    round_s: float
+    quorum_wait_s: float  # waiting for min_peers before the round could start
+    round_s: float  # from the first start_round sent to the round's close
     aggregate_s: float
     eval_s: float
     t: float  # seconds since the coordinator started

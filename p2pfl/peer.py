@@ -319,7 +319,12 @@ def _neighbour_addresses(
         return None
     addresses: dict[int, str] = {}
     for pair in pairs:
-        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str)):
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and wire.is_int(pair[0])
+            and isinstance(pair[1], str)
+        ):
             return None
         try:
             check_tcp(pair[1])

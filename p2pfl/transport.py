@@ -171,6 +171,7 @@ class Hub:
         self.control.bind(control)
         self._poller = zmq.Poller()
         self._poller.register(self.control, zmq.POLLIN)
+        self._control_next = True
         self.updates: zmq.Socket | None = None
         if updates is not None:
             self.updates = _inbound(self._ctx.socket(zmq.PULL))
@@ -184,13 +185,17 @@ class Hub:
 
     def recv(self, timeout_s: float) -> tuple[bytes | None, list[Buffer]] | None:
         """(routing id, frames) of the next control message, or (None, frames) of the
-        next update; None if nothing arrives within `timeout_s`. Control goes first."""
+        next update; None if nothing arrives within `timeout_s`."""
         ready = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
-        if self.control in ready:
-            frames = read_capped(self.control, self._max_frames + 2)
-            return bytes(frames[0]), frames[1:]
-        if self.updates is not None and self.updates in ready:
-            return None, read_capped(self.updates, self._max_frames + 1)
+        # When both channels have input, take turns: a flood on one cannot starve the other.
+        order = [self.control, self.updates] if self._control_next else [self.updates, self.control]
+        for sock in order:
+            if sock is not None and sock in ready:
+                self._control_next = sock is not self.control
+                if sock is self.control:
+                    frames = read_capped(self.control, self._max_frames + 2)
+                    return bytes(frames[0]), frames[1:]
+                return None, read_capped(sock, self._max_frames + 1)
         return None
 
     def close(self) -> None:
