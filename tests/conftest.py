@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 
 from p2pfl.launch import free_base_port
 from p2pfl.scenario import dumps as to_toml
@@ -175,3 +176,17 @@ def wait_for(predicate, timeout: float, what: str, procs=()) -> None:
             pytest.fail(f"waiting for {what}: a process exited with {dead[0].returncode}\n{said}")
         time.sleep(0.05)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def send_all(kind: int, addr: str, cases: list[tuple[str, list[bytes]]]) -> None:
+    """Send every (reason, frames) case over a fresh socket of `kind`, flushed before close."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(addr)
+    try:
+        for _, frames in cases:
+            sock.send_multipart(frames)
+    finally:
+        sock.close()
+        ctx.term()

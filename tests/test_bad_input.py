@@ -7,7 +7,7 @@ import json
 import msgpack
 import numpy as np
 import zmq
-from conftest import read_jsonl, wait_for_round
+from conftest import read_jsonl, send_all, wait_for_round
 
 from p2pfl import wire
 from p2pfl.learning.local import build
@@ -94,16 +94,7 @@ def test_bad_input_is_dropped_with_one_log_line_each(make_scenario, launch_run):
     history = run.out / "peer-0.jsonl"
     wait_for_round(run, 0, 2, timeout=120)
 
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 5000)
-    push.connect(s.address(0))
-    try:
-        for _, frames in cases:
-            push.send_multipart(frames)
-    finally:
-        push.close()
-        ctx.term()
+    send_all(zmq.PUSH, s.address(0), cases)
     assert read_jsonl(history)[-1]["round"] < rounds, "the run ended before the messages were sent"
 
     rc, output = run.wait(timeout=240)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -258,13 +256,3 @@ def test_swapped_folders_are_refused(runs):
     central, gossip = runs
     with pytest.raises(ValueError, match="mode is 'gossip', expected 'centralized'"):
         build_report(gossip, central)
-
-
-def test_import_is_cheap():
-    """`import p2pfl.compare` loads neither rich nor matplotlib."""
-    code = (
-        "import sys, p2pfl.compare; "
-        "print(','.join(m for m in ('matplotlib', 'rich', 'jax') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import zmq
-from conftest import read_jsonl, wait_for
+from conftest import read_jsonl, send_all, wait_for
 from structlog.testing import capture_logs
 from test_bad_input import header_maker, wire_level
 
@@ -23,20 +23,6 @@ def drops(out):
     """The coordinator's message_dropped events, in order."""
     log = out / "logs" / "coordinator.jsonl"
     return [e for e in read_jsonl(log) if e["event"] == "message_dropped"]
-
-
-def send_all(kind, addr, cases):
-    """Send every case's frames over a fresh socket of `kind`, flushing before it closes."""
-    ctx = zmq.Context()
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 5000)
-    sock.connect(addr)
-    try:
-        for _, frames in cases:
-            sock.send_multipart(frames)
-    finally:
-        sock.close()
-        ctx.term()
 
 
 def test_bad_input_to_the_server_is_dropped_and_the_run_completes(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import p2pfl
 
 
@@ -16,23 +18,21 @@ def test_public_surface_is_curated():
     assert p2pfl.load_scenario is not None and p2pfl.Scenario().peers == 8
 
 
-def test_cli_import_does_not_load_heavy_modules():
-    """`import p2pfl.cli` must not import JAX, matplotlib or rich: peers pay for what they use."""
-    code = (
-        "import sys, p2pfl.cli; "
-        "print(','.join(m for m in ('jax', 'matplotlib', 'rich', 'optax', 'sklearn') "
-        "if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
-
-
-def test_peer_path_does_not_import_plotting():
-    """The peer's modules need JAX but not matplotlib or scikit-learn (structlog pulls in rich)."""
-    code = (
-        "import sys, p2pfl.peer; "
-        "print(','.join(m for m in ('matplotlib', 'sklearn') if m in sys.modules))"
-    )
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [
+        # the CLI must stay light: peers pay only for what they use
+        ("p2pfl.cli", ("jax", "matplotlib", "rich", "optax", "sklearn")),
+        # the peer's modules need JAX, not plotting (structlog pulls in rich)
+        ("p2pfl.peer", ("matplotlib", "sklearn")),
+        ("p2pfl.client", ("matplotlib", "sklearn")),
+        ("p2pfl.coordinator", ("jax", "matplotlib", "sklearn")),  # JAX only as a server
+        ("p2pfl.compare", ("matplotlib", "rich", "jax")),
+    ],
+)
+def test_imports_stay_light(module, absent):
+    """Importing a module does not load the heavy packages it does not need."""
+    code = f"import sys, {module}; print(','.join(m for m in {absent!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -42,5 +42,5 @@ def test_console_help_lists_the_commands():
     out = subprocess.run(
         [sys.executable, "-m", "p2pfl", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("launch", "peer", "topology"):
+    for command in ("launch", "compare", "peer", "coordinator", "topology"):
         assert command in out.stdout
