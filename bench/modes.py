@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import psutil
@@ -88,20 +87,19 @@ def cpu_at(samples: list[tuple[float, float]], t: float) -> float:
     return samples[-1][1] if t > samples[-1][0] else samples[0][1]
 
 
-def per_round(out: Path, field: str) -> dict[int, float]:
-    """round -> sum over the peers' history lines of that round of `field`."""
+def per_round(out: Path, *fields: str) -> dict[int, float]:
+    """round -> sum over the peers' history lines of that round of the fields."""
     sums: dict[int, float] = {}
-    for h in histories(out).values():
-        for rec in h:
-            sums[rec["round"]] = sums.get(rec["round"], 0.0) + rec[field]
+    for rec in itertools.chain.from_iterable(histories(out).values()):
+        sums[rec["round"]] = sums.get(rec["round"], 0.0) + sum(rec[f] for f in fields)
     return sums
 
 
 def busiest_per_round(out: Path) -> tuple[float, str]:
+    """(bytes through the busiest node / rounds, that node) from summary.json."""
     s = json.loads((out / "summary.json").read_text())
-    return s["bytes_through_busiest"]["bytes"] / s["rounds"], str(
-        s["bytes_through_busiest"]["node"]
-    )
+    busiest = s["bytes_through_busiest"]
+    return busiest["bytes"] / s["rounds"], str(busiest["node"])
 
 
 def analyse(cen: Path, gos: Path, cpu: list[tuple[float, float]], cores: int) -> list[Row]:
@@ -112,14 +110,14 @@ def analyse(cen: Path, gos: Path, cpu: list[tuple[float, float]], cores: int) ->
     peers = len(histories(cen))
     # centralized
     c_wall = [srv[r]["time"] - srv[r - 1]["time"] for r in rr]
-    c_work = per_round(cen, "train_s")
-    for r, v in per_round(cen, "eval_s").items():
-        c_work[r] = c_work.get(r, 0.0) + v
+    c_work = per_round(cen, "train_s", "eval_s")
     c_floor = [(c_work[r] + srv[r]["aggregate_s"] + srv[r]["eval_s"]) / cores for r in rr]
     agg, ev = median(srv[r]["aggregate_s"] for r in rr), median(srv[r]["eval_s"] for r in rr)
     rest = median(srv[r]["round_s"] - srv[r]["aggregate_s"] - srv[r]["eval_s"] for r in rr)
     gap = median(srv[r]["time"] - srv[r - 1]["time"] - srv[r]["round_s"] for r in rr)
-    coord_cpu = (cpu_at(cpu, srv[rounds]["time"]) - cpu_at(cpu, srv[1]["time"])) / (rounds - 1)
+    coord_cpu = float("nan")
+    if len(cpu) > 1:
+        coord_cpu = (cpu_at(cpu, srv[rounds]["time"]) - cpu_at(cpu, srv[1]["time"])) / (rounds - 1)
     # gossip
     done: dict[int, float] = {}
     for evs in log_events(gos).values():
@@ -127,15 +125,20 @@ def analyse(cen: Path, gos: Path, cpu: list[tuple[float, float]], cores: int) ->
             if e.get("event") == "round_done" and "round" in e:
                 done[e["round"]] = max(done.get(e["round"], 0.0), e["ts"])
     g_wall = [done[r] - done[r - 1] for r in rr]
-    g_tr, g_ev = per_round(gos, "train_s"), per_round(gos, "eval_s")
-    g_floor = [(g_tr[r] + g_ev[r]) / cores for r in rr]
+    g_work = per_round(gos, "train_s", "eval_s")
+    g_floor = [g_work[r] / cores for r in rr]
     cw, cf, gw, gf = median(c_wall), median(c_floor), median(g_wall), median(g_floor)
     c_pcpu, g_pcpu = per_round(cen, "cpu_s"), per_round(gos, "cpu_s")
     cb, cnode = busiest_per_round(cen)
     gb, gnode = busiest_per_round(gos)
+    c_cpu, g_cpu = median(c_pcpu[r] for r in rr) + coord_cpu, median(g_pcpu[r] for r in rr)
     ms = 1e3
+
+    def busy(wall, cpu_s):
+        return f"CPU {cpu_s * ms:.1f} ms/round: {cpu_s / (wall * cores):.0%} of {cores} cores"
+
     return [
-        Row("centralized: round wall (coordinator time)", cw * ms, "ms"),
+        Row("centralized: round wall (coordinator time)", cw * ms, "ms", note=busy(cw, c_cpu)),
         Row("  server round_s", median(srv[r]["round_s"] for r in rr) * ms, "ms"),
         Row("  server aggregate_s", agg * ms, "ms"),
         Row("  server eval_s", ev * ms, "ms"),
@@ -146,21 +149,14 @@ def analyse(cen: Path, gos: Path, cpu: list[tuple[float, float]], cores: int) ->
         Row("  peers' train+eval per round", median(c_work[r] for r in rr) * ms, "ms"),
         Row("centralized: compute floor", cf * ms, "ms", note=f"(peers + server) / {cores}"),
         Row("centralized: round wall / floor", cw / cf, "x", TARGET),
-        Row("gossip: round wall (round_done log)", gw * ms, "ms"),
+        Row("gossip: round wall (round_done log)", gw * ms, "ms", note=busy(gw, g_cpu)),
         Row("  peers' CPU per round (cpu_s)", median(g_pcpu[r] for r in rr) * ms, "ms"),
         Row("gossip: compute floor", gf * ms, "ms", note=f"peers / {cores}"),
         Row("gossip: round wall / floor", gw / gf, "x", TARGET),
         Row("centralized round / gossip round", cw / gw, "x"),
         Row("busiest node per round, centralized", cb / 1e3, "kB", note=f"node {cnode}"),
         Row("busiest node per round, gossip", gb / 1e3, "kB", note=f"node {gnode}"),
-        Row(
-            "busiest: centralized / gossip",
-            cb / gb,
-            "x",
-            peers / 2,
-            better="about",
-            note=f"theory N/2 = {peers}/2 (2N models vs 4)",
-        ),
+        Row("busiest: centralized / gossip", cb / gb, "x", peers / 2, "about", "theory N/2"),
     ]
 
 
@@ -172,8 +168,7 @@ def run(rounds: int | None = None, keep: Path | None = None) -> tuple[list[Row],
         folder.mkdir(parents=True, exist_ok=True)
         peers = peers_of(QUICKSTART)
         extra = {"training": {"rounds": rounds}} if rounds else {}
-        net = tomllib.loads(QUICKSTART.read_text()).get("network", {})
-        port = free_base_port(peers + 2, net.get("host", "127.0.0.1"))  # + coordinator's 2
+        port = free_base_port(peers + 2)  # the coordinator's two ports after the peers'
         scenario = scenario_copy(folder, network={"base_port": port}, **extra)
         t0 = time.perf_counter()
         cpu = launch_mode(scenario, folder / "centralized", "centralized")

@@ -1,7 +1,7 @@
 """Run every benchmark and print one table: metric, value, target, ratio.
 
-`python bench/run_all.py` runs transport, rounds, startup and memory one after the
-other (a few minutes in all) and prints the rows that have a target, then (with
+`python bench/run_all.py` runs transport, rounds, startup, memory and modes one after
+the other (a few minutes in all) and prints the rows that have a target, then (with
 --full) each benchmark's whole table. Each benchmark is also a script of its own.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory
+import modes
 import rounds
 import startup
 import transport
@@ -33,6 +34,7 @@ def main() -> None:
     sections.append(("rounds", *rounds.run()))
     sections.append(("startup", *startup.run()))
     sections.append(("memory", *memory.run()))
+    sections.append(("modes", *modes.run()))
     elapsed = time.perf_counter() - t0
 
     if args.full:

@@ -110,7 +110,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         console.line()
         _print_summary(console, summary, folders[mode])
         failed |= run_failed(summary)
-    report = build_report(folders["centralized"], folders["gossip"], args.target)
+    try:
+        report = build_report(folders["centralized"], folders["gossip"], args.target)
+    except ValueError as exc:  # a run left too little to compare (its summary says why)
+        print(f"p2pfl: cannot compare: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     write_outputs(report, folders["centralized"], folders["gossip"], root)
     console.line()
     console.print(render_table(report))

@@ -65,6 +65,7 @@ class FedClient:
         self.last_heard = self.last_sent = time.monotonic()
         self.sent = self.received = 0  # bytes since the last history line
         self.wait_s = 0.0
+        self.last_size = 0  # bytes of the last message read
         self.cpu0 = 0.0
         self.recorded = -1  # the last round with a history line
         self.trained: _Trained | None = None
@@ -78,7 +79,7 @@ class FedClient:
         frames = wire.encode(msg_type, self.id, round_, self.expect.scenario, meta, arrays)
         ok = self.link.push(frames) if msg_type == "update" else self.link.send(frames)
         if ok:
-            self.sent += sum(memoryview(f).nbytes for f in frames)
+            self.sent += wire.frames_size(frames)
         else:
             self.log.info("send_dropped", to="coordinator", type=msg_type)
         self.last_sent = time.monotonic()
@@ -94,7 +95,8 @@ class FedClient:
         self.wait_s += time.perf_counter() - t
         if frames is None:
             return None
-        self.received += sum(memoryview(f).nbytes for f in frames)
+        self.last_size = wire.frames_size(frames)
+        self.received += self.last_size
         try:
             msg = wire.decode(frames, self.expect)
         except wire.WireError as exc:
@@ -117,18 +119,20 @@ class FedClient:
         c = self.s.centralized
         found: wire.Message | None = None
         while True:
-            now = time.monotonic()
             limit = c.coordinator_timeout_s if self.welcomed else c.startup_timeout_s
-            if found is None and now - self.last_heard > limit:
-                what = "no welcome" if not self.welcomed else "no message"
-                raise self._lost(f"{what} from the coordinator for {limit:g} s")
-            if self.welcomed and now - self.last_sent >= c.heartbeat_s:
+            if self.welcomed and time.monotonic() - self.last_sent >= c.heartbeat_s:
                 self._send("heartbeat", 0, {})
-            wait = 0.0 if found is not None else min(c.heartbeat_s, limit)
-            msg = self._receive(wait)
+            msg = self._receive(0.0 if found is not None else min(c.heartbeat_s, limit))
             if msg is None:
-                if found is not None and not self.link.control.poll(0):
+                if self.link.control.poll(0):
+                    continue  # the message read was dropped; more are queued
+                if found is not None:
                     return found
+                # Silence counts only while waiting with nothing queued: a long training
+                # round is not the coordinator's silence, its heartbeats wait in the queue.
+                if time.monotonic() - self.last_heard > limit:
+                    what = "no welcome" if not self.welcomed else "no message"
+                    raise self._lost(f"{what} from the coordinator for {limit:g} s")
                 continue
             if msg.type == "welcome" and not self.welcomed:
                 self.welcomed = True
@@ -190,7 +194,9 @@ class FedClient:
         params = np.asarray(msg.arrays["params"])
         mine = self.trained
         if mine is not None and self.recorded < mine.round < done:
+            self.received -= self.last_size  # the model that just came belongs to `done`
             self._record(mine.round, mine.model, "update", None)
+            self.received += self.last_size
         state = self.local.trainer.with_params(state, params)
         if done > self.recorded:
             self._record(done, state.params, "global", params)

@@ -53,7 +53,6 @@ class _Member:
 
     routing_id: bytes
     last_heard: float
-    joined_round: int
     address: str | None = None
     welcomed: bool = False
 
@@ -63,10 +62,6 @@ class _Update:
     params: wire.Chunked
     samples: int
     loss: float | None
-
-
-def _frames_size(frames: list[wire.Buffer]) -> int:
-    return sum(memoryview(f).nbytes for f in frames)
 
 
 class Coordinator:
@@ -92,8 +87,12 @@ class Coordinator:
         self.members: dict[int, _Member] = {}
         self.left: set[int] = set()
         self.round = 0
-        self.sampled: list[int] = []
+        self.sampled: list[int] = []  # this round's sample, once start_round has gone out
+        self.expected: set[int] = set()  # sampled peers whose update may still come
+        self.closed = 0  # the last round closed: updates for it or earlier are late
         self.updates: dict[int, _Update] = {}
+        self.ending = False  # end_session has gone out
+        self.end_unsent: set[int] = set()  # peers end_session could not be queued for
         self.sent = self.received = 0  # bytes this round
         self.last_beat = 0.0
         self.quorum_wait_s = 0.0
@@ -112,7 +111,7 @@ class Coordinator:
         arrays = {"params": params} if params is not None else None
         frames = wire.encode(msg_type, self.id, self.round, self.expect.scenario, meta, arrays)
         if self.hub.send(self.members[peer].routing_id, frames):
-            self.sent += _frames_size(frames)
+            self.sent += wire.frames_size(frames)
             return True
         self.log.info("send_dropped", to=peer, type=msg_type)
         return False
@@ -126,7 +125,7 @@ class Coordinator:
         if got is None:
             return
         routing_id, frames = got
-        self.received += _frames_size(frames)
+        self.received += wire.frames_size(frames)
         try:
             msg = wire.decode(frames, self.expect)
         except wire.WireError as exc:
@@ -150,6 +149,8 @@ class Coordinator:
         elif msg.type == "bye":
             del self.members[msg.sender]
             self.left.add(msg.sender)
+            self.end_unsent.discard(msg.sender)
+            self.expected.discard(msg.sender)  # its update, if any, is not coming
             self.log.info("peer_left", sender=msg.sender)
         else:
             self._drop(f"unexpected message type {msg.type!r} on the control channel")
@@ -163,13 +164,16 @@ class Coordinator:
                 self._drop("hello without a valid tcp:// address", sender=msg.sender)
                 return
         back = msg.sender in self.members or msg.sender in self.left
-        self.members[msg.sender] = _Member(routing_id, time.monotonic(), self.round, address)
+        self.members[msg.sender] = _Member(routing_id, time.monotonic(), address)
         self.left.discard(msg.sender)
+        self.expected.discard(msg.sender)  # restarted mid-round: it never got this start_round
         self.log.info("peer_joined", sender=msg.sender, rejoin=back, round=self.round)
-        if self.centralized:
-            self._send(msg.sender, "welcome", {"round": self.round})
-        else:
+        if not self.centralized:
             self._welcome_ready()
+        elif self.ending:  # too late for any round: it gets the final model at once
+            self._send_end(msg.sender)
+        else:
+            self._send(msg.sender, "welcome", {"round": self.round})
 
     def _welcome_ready(self) -> None:
         """Bootstrap: welcome every peer whose neighbours have all registered."""
@@ -188,11 +192,12 @@ class Coordinator:
             self._drop(f"unexpected message type {msg.type!r} on the update channel")
         elif msg.sender not in self.members:
             self._drop("update from a peer that has not joined", sender=msg.sender)
-        elif msg.round < self.round or (msg.round == self.round and not self.sampled):
+        elif msg.round <= self.closed:
             self.log.info("late_update", sender=msg.sender, msg_round=msg.round)
-        elif msg.round != self.round:
+        elif msg.round != self.round or not self.sampled:
             self._drop(
-                f"update for round {msg.round}, the current round is {self.round}",
+                f"update for round {msg.round}, the open round is "
+                f"{self.round if self.sampled else 'none'}",
                 sender=msg.sender,
             )
         elif msg.sender not in self.sampled:
@@ -224,9 +229,19 @@ class Coordinator:
     # -- bootstrap -----------------------------------------------------------------
 
     def bootstrap(self) -> None:
-        """Answer hellos until every peer has said bye (or the process is stopped)."""
+        """Answer hellos until every peer has said bye, or until a whole run's worth of
+        time has passed since the last welcome (a peer that crashed never says bye)."""
+        g = self.s.gossip
+        idle_limit = g.startup_timeout_s + self.s.training.rounds * g.round_timeout_s
+        last_change = time.monotonic()
         while len(self.left) < self.s.peers:
+            known = (len(self.members), len(self.left))
             self._poll(1.0)
+            if (len(self.members), len(self.left)) != known:
+                last_change = time.monotonic()
+            elif time.monotonic() - last_change > idle_limit:
+                self.log.warning("bootstrap_gave_up", no_bye=sorted(self.members))
+                return
         self.log.info("bootstrap_finished")
 
     # -- server --------------------------------------------------------------------
@@ -269,6 +284,7 @@ class Coordinator:
         acc, loss = self._evaluate()
         eval_s = time.perf_counter() - t
         got = self.updates
+        participants = sorted(got) if closed_by != "quorum_missed" else []
         losses = [(u.samples, u.loss) for u in got.values() if u.loss is not None]
         train_loss = None
         if losses and closed_by != "quorum_missed":
@@ -281,8 +297,8 @@ class Coordinator:
                 holdout_loss=loss,
                 train_loss=train_loss,
                 sampled=sampled,
-                participants=sorted(got) if closed_by != "quorum_missed" else [],
-                missing=sorted(set(sampled) - set(got)),
+                participants=participants,
+                missing=sorted(set(sampled) - set(participants)),
                 connected=connected,
                 closed_by=closed_by,
                 bytes_sent=self.sent,
@@ -302,7 +318,7 @@ class Coordinator:
             )
         self.log.info("round_closed", round=self.round, closed_by=closed_by, holdout_accuracy=acc)
 
-    def _round(self) -> None:
+    def _round(self, last: bool) -> None:
         from p2pfl.gossip import weighted_mean
 
         c = self.s.centralized
@@ -312,18 +328,22 @@ class Coordinator:
         t_round = time.perf_counter()
         connected = self._live()
         self.sampled = self._sample(connected)
+        self.expected = set(self.sampled)
         self.updates = {}
         for peer in self.sampled:
-            self._send(peer, "start_round", {}, self.global_params)
+            if not self._send(peer, "start_round", {}, self.global_params):
+                self.expected.discard(peer)  # gone or its queue is full: not worth waiting for
         deadline = time.monotonic() + c.round_timeout_s
-        while len(self.updates) < len(self.sampled) and time.monotonic() < deadline:
+        while self.expected - set(self.updates) and time.monotonic() < deadline:
             self._poll(deadline - time.monotonic())
-        if len(self.updates) == len(self.sampled):
-            closed_by = "all_in"
-        elif len(self.updates) >= c.min_updates:
-            closed_by = "deadline"
-        else:
+        if len(self.updates) < c.min_updates:
             closed_by = "quorum_missed"
+        elif len(self.updates) == len(self.sampled):
+            closed_by = "all_in"
+        elif self.expected <= set(self.updates):
+            closed_by = "early"  # the others left, restarted or could not be reached
+        else:
+            closed_by = "deadline"
         missing = sorted(set(self.sampled) - set(self.updates))
         if missing:
             self.log.warning("round_missing_updates", missing=missing, closed_by=closed_by)
@@ -336,31 +356,51 @@ class Coordinator:
             self.global_params = weighted_mean(
                 {j: u.params for j, u in self.updates.items()}, weights
             )
-        self._record(closed_by, self.sampled, connected, t_round, time.perf_counter() - t)
-        self.sampled, self.updates = [], {}  # updates for this round are late from now on
+        aggregate_s = time.perf_counter() - t
+        if last:  # end_session goes out with the last round, so its bytes are on its line
+            self._end()
+        self._record(closed_by, self.sampled, connected, t_round, aggregate_s)
+        self.closed = self.round  # updates for this round are late from now on
+        self.sampled, self.expected, self.updates = [], set(), {}
+
+    def _send_end(self, peer: int) -> None:
+        if self._send(peer, "end_session", {}, self.global_params):
+            self.end_unsent.discard(peer)
+        else:
+            self.end_unsent.add(peer)  # retried while waiting for the byes
 
     def _end(self) -> None:
-        """end_session with the final model to every peer, then wait (bounded) for byes."""
+        """end_session with the final model to every peer."""
+        self.ending = True
         for peer in list(self.members):
-            self._send(peer, "end_session", {}, self.global_params)
+            self._send_end(peer)
+
+    def _await_byes(self) -> None:
+        """Wait (bounded) for every peer's bye, resending end_session where it failed."""
         deadline = time.monotonic() + max(END_WAIT_S, self.s.centralized.coordinator_timeout_s)
         while self.members and time.monotonic() < deadline:
-            self._poll(deadline - time.monotonic())
+            for peer in sorted(self.end_unsent & set(self.members)):
+                self._send_end(peer)
+            self._poll(min(0.1, deadline - time.monotonic()))
         if self.members:
             self.log.warning("no_bye", peers=sorted(self.members))
 
     def serve(self) -> None:
-        """The whole centralized session: quorum, every round, end_session."""
+        """The whole centralized session: quorum, every round, end_session, byes."""
         self.history = HistoryWriter(self.out_dir / "coordinator.jsonl")
         self._record("initial", [], [], time.perf_counter(), 0.0)
-        for r in range(1, self.s.training.rounds + 1):
+        rounds = self.s.training.rounds
+        for r in range(1, rounds + 1):
             self.round = r
             structlog.contextvars.bind_contextvars(round=r)
-            self._round()
+            self._round(last=r == rounds)
         structlog.contextvars.unbind_contextvars("round")
+        if rounds == 0:  # nothing to train: hand the initial model to whoever came
+            self._await_quorum()
+            self._end()
         save_model(self.out_dir / "models" / "global.npz", self.global_params)
-        self._end()
-        self.log.info("session_finished", rounds=self.s.training.rounds)
+        self._await_byes()
+        self.log.info("session_finished", rounds=rounds)
 
     def close(self) -> None:
         """Release the sockets and the history file."""

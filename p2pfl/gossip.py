@@ -91,6 +91,6 @@ def weighted_mean(models: Mapping[int, Model], weights: Mapping[int, float]) -> 
         raise ValueError(f"weights sum to {total}, not a positive number")
     acc = np.zeros(next(iter(models.values())).size, np.float64)
     scratch = np.empty(0)
-    for j, x in models.items():
-        scratch = _add_weighted(acc, x, weights[j] / total, scratch)
+    for j in sorted(models):  # a fixed order: the result must not depend on arrival order
+        scratch = _add_weighted(acc, models[j], weights[j] / total, scratch)
     return acc.astype(np.float32)

@@ -49,7 +49,9 @@ class ServerRecord:
     participants: list[int]  # whose updates were averaged
     missing: list[int]  # sampled, but no update by the deadline
     connected: list[int]  # peers alive when the round started
-    closed_by: str  # "all_in" | "deadline" | "quorum_missed" (global model kept) | "initial"
+    # "all_in" | "early" (every update still expected is in: the rest left or restarted)
+    # | "deadline" | "quorum_missed" (fewer than min_updates: global model kept) | "initial"
+    closed_by: str
     bytes_sent: int  # by the coordinator, this round
     bytes_received: int
     quorum_wait_s: float  # waiting for min_peers before the round could start

@@ -288,11 +288,18 @@ class Launcher:
         task = progress.add_task("rounds", total=total * (1 if self.coordinated else self.s.peers))
         tails = [*self.tails.values(), self.server_tail]
         with Live(self._view(progress, task), console=self.console, refresh_per_second=4) as live:
+            server_died: float | None = None
             while alive := [p.sentinel for p in self.procs.values() if p.is_alive()]:
                 multiprocessing.connection.wait(alive, TICK_S)
                 for t in tails:
                     t.poll()
                 live.update(self._view(progress, task))
+                if server_died is None and self._server_failed():
+                    server_died = time.monotonic()
+                elif server_died is not None and time.monotonic() - server_died > self._grace():
+                    # Peers notice a dead server by themselves within coordinator_timeout_s;
+                    # ones still waiting for their welcome (startup_timeout_s) are stopped.
+                    self.stop()
             if self.coordinator is not None:  # it waits for the peers' byes, then exits
                 c = self.s.centralized
                 centralized = self.s.mode == "centralized"
@@ -302,6 +309,13 @@ class Launcher:
             for t in tails:
                 t.poll()
             live.update(self._view(progress, task))
+
+    def _server_failed(self) -> bool:
+        c = self.coordinator
+        return self.s.mode == "centralized" and c is not None and c.exitcode not in (None, 0)
+
+    def _grace(self) -> float:
+        return self.s.centralized.coordinator_timeout_s + STOP_GRACE_S
 
     @property
     def coordinated(self) -> bool:

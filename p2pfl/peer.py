@@ -127,7 +127,7 @@ class GossipPeer:
             blocked += time.perf_counter() - t
             if frames is None:
                 return received, blocked
-            received += sum(len(f) for f in frames)
+            received += wire.frames_size(frames)
             self._accept(frames, round_)
         return received, blocked
 
@@ -147,7 +147,7 @@ class GossipPeer:
             {"degree": self.degree, "samples": int(self.local.data.x_train.shape[0])},
             {"params": own},
         )
-        size = sum(len(memoryview(f).cast("B")) for f in frames)
+        size = wire.frames_size(frames)
         sent = 0
         for j in self.neighbours:
             if self.transport.send(j, frames):

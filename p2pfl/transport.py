@@ -14,6 +14,7 @@ the talk's Kafka topic played. This module knows frames, not models.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 
 import zmq
@@ -120,6 +121,9 @@ class Link:
         self._ctx = zmq.Context()
         self._max_frames = max_frames
         self.control = _inbound(self._ctx.socket(zmq.DEALER))
+        # One routing id for this process's life: after a TCP reconnect the coordinator
+        # still knows the peer by it; a restarted peer gets a new one (and says hello).
+        self.control.setsockopt(zmq.ROUTING_ID, b"p2pfl-" + secrets.token_hex(8).encode())
         self.control.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
         self.control.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.control.connect(control)

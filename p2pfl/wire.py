@@ -131,6 +131,11 @@ class Expect:
         return 1 + total
 
 
+def frames_size(frames: Sequence[Buffer]) -> int:
+    """Bytes in a message's frames, as counted in histories."""
+    return sum(memoryview(f).nbytes for f in frames)
+
+
 def _chunks(array: np.ndarray) -> list[memoryview]:
     flat = memoryview(np.ascontiguousarray(array)).cast("B")
     if flat.nbytes == 0:

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 from conftest import read_jsonl, wait_for, wait_for_round
 
 from p2pfl.scenario import load
@@ -22,15 +23,23 @@ def events(out, who, name):
     return [e for e in read_jsonl(out / "logs" / f"{who}.jsonl") if e["event"] == name]
 
 
-def test_centralized_fedavg_equals_gossip_on_a_full_graph(make_scenario, launch_run):
+@pytest.mark.parametrize(
+    ("peers", "samples"),
+    [
+        (8, 1000),  # 200 held out, 8 shards of 100; weights 1/8 are exact in binary
+        (6, 960),  # 192 held out, 6 shards of 128; weights 1/6 are not: rounding shows
+    ],
+)
+def test_centralized_fedavg_equals_gossip_on_a_full_graph(
+    make_scenario, launch_run, peers, samples
+):
     """Full graph, equal IID shards, uniform weights: both modes give one model every round."""
     rounds = 8
     scenario = make_scenario(
         {
             "name": "equivalence",
-            "topology": {"kind": "full", "peers": 8},
-            # 1000 samples: 200 held out, 800 = 8 equal shards of 100
-            "data": {"dataset": "synthetic", "synthetic_samples": 1000},
+            "topology": {"kind": "full", "peers": peers},
+            "data": {"dataset": "synthetic", "synthetic_samples": samples},
             "model": {"kind": "mlp", "hidden": [16]},
             "training": {"rounds": rounds, "local_epochs": 1},
             "gossip": {"round_timeout_s": 60.0},
@@ -47,18 +56,18 @@ def test_centralized_fedavg_equals_gossip_on_a_full_graph(make_scenario, launch_
     worst = 0.0
     for r in range(1, rounds + 1):
         server = np.load(central / "models" / f"round-{r}" / "global.npz")["params"]
-        for i in range(8):
+        for i in range(peers):
             peer = np.load(gossip / "models" / f"round-{r}" / f"peer-{i}.npz")["params"]
             worst = max(worst, float(np.max(np.abs(peer - server))))
         row = server_rows(central)[r]
-        assert row["participants"] == list(range(8)) and row["closed_by"] == "all_in"
+        assert row["participants"] == list(range(peers)) and row["closed_by"] == "all_in"
     assert worst <= 1e-5, worst
     first = np.load(central / "models" / "round-1" / "global.npz")["params"]
     last = np.load(central / "models" / f"round-{rounds}" / "global.npz")["params"]
     assert np.max(np.abs(last - first)) > 1e-2  # the model really trained between rounds
     final = np.load(central / "models" / "global.npz")["params"]
     assert np.array_equal(final, last)
-    for i in range(8):  # end_session gave every peer the final global model
+    for i in range(peers):  # end_session gave every peer the final global model
         assert np.array_equal(np.load(central / "models" / f"peer-{i}.npz")["params"], final)
 
 
@@ -70,10 +79,10 @@ def test_min_peers_then_late_joiner_from_the_next_round(make_scenario, cli_procs
             "mode": "centralized",
             "topology": {"kind": "ring", "peers": 4},
             "model": {"kind": "logreg"},
-            "training": {"rounds": 1500, "local_epochs": 1},
+            "training": {"rounds": 800, "local_epochs": 1},
             "centralized": {"min_peers": 2},
-            # rounds of at least 10 ms, so the run outlasts the late peer's start-up
-            "faults": {"slow": [{"peer": 0, "delay_s": 0.01}]},
+            # rounds of at least 20 ms, so the run outlasts the late peer's start-up
+            "faults": {"slow": [{"peer": 0, "delay_s": 0.02}]},
         }
     )
     out = tmp_path / "run"
@@ -92,7 +101,7 @@ def test_min_peers_then_late_joiner_from_the_next_round(make_scenario, cli_procs
     time.sleep(1.0)  # one peer alone: the coordinator must keep waiting
     assert [r["round"] for r in server_rows(out)] == [0]
     more = [cli_procs(f"peer-{i}", "peer", *common, "--id", str(i)) for i in (1, 2)]
-    wait_for(lambda: len(server_rows(out)) > 3, 120, "round 3", [coordinator, first, *more])
+    wait_for(lambda: len(server_rows(out)) > 2, 120, "round 2", [coordinator, first, *more])
     late = cli_procs("peer-3", "peer", *common, "--id", "3")
     procs = [coordinator, first, *more, late]
     for p in procs:
@@ -104,13 +113,13 @@ def test_min_peers_then_late_joiner_from_the_next_round(make_scenario, cli_procs
     joined = [e for e in events(out, "coordinator", "peer_joined") if e["sender"] == 3]
     assert len(joined) == 1
     k = joined[0]["round"]  # the round in progress when peer 3 said hello
-    assert 3 <= k < 1500, k
+    assert 3 <= k < 800, k
     assert all(3 not in r["sampled"] for r in rows[:k])
     assert 3 in rows[k]["participants"]  # round k + 1
     history = read_jsonl(out / "peer-3.jsonl")
     trained = [r["round"] for r in history if r["train_loss"] is not None]
     assert trained[0] == k + 1
-    assert history[-1]["round"] == 1500 and history[-1]["holdout_accuracy"] >= 0.9
+    assert history[-1]["round"] == 800 and history[-1]["holdout_accuracy"] >= 0.9
 
 
 def test_fraction_samples_peers_per_round(make_scenario, launch_run):
@@ -154,7 +163,9 @@ def test_straggler_does_not_stall_the_round(make_scenario, launch_run):
             "topology": {"kind": "ring", "peers": 3},
             "model": {"kind": "logreg"},
             "training": {"rounds": 3, "local_epochs": 1},
-            "centralized": {"round_timeout_s": 2.0, "min_updates": 2},
+            # the straggler is silent for longer than coordinator_timeout_s while it
+            # trains: that is not the coordinator's silence
+            "centralized": {"round_timeout_s": 2.0, "min_updates": 2, "coordinator_timeout_s": 3},
             "faults": {"slow": [{"peer": 2, "delay_s": 4.0}]},
         }
     )
@@ -210,7 +221,7 @@ def test_server_killed_mid_run_every_peer_exits_with_an_error(make_scenario, lau
             "topology": {"kind": "ring", "peers": 4},
             "model": {"kind": "logreg"},
             "training": {"rounds": 100000, "local_epochs": 1},
-            "centralized": {"coordinator_timeout_s": 3.0, "heartbeat_s": 0.5},
+            "centralized": {"coordinator_timeout_s": 5.0, "heartbeat_s": 0.5},
         }
     )
     run = launch_run(scenario)
@@ -225,7 +236,7 @@ def test_server_killed_mid_run_every_peer_exits_with_an_error(make_scenario, lau
     assert summary["failed_peers"] == [0, 1, 2, 3] and summary["completed_peers"] == []
     for i in range(4):
         err = (run.out / "logs" / f"peer-{i}.stderr").read_text()
-        assert "no message from the coordinator for 3 s" in err, err
+        assert "no message from the coordinator for 5 s" in err, err
         assert events(run.out, f"peer-{i}", "coordinator_lost")
     assert run.peer_processes() == []
 

@@ -83,7 +83,7 @@ def test_bad_input_to_the_server_is_dropped_and_the_run_completes(
 
 
 def test_update_checks_in_the_server(make_scenario, tmp_path):
-    """Not sampled, bad samples or loss, late, duplicate: dropped; one good update is kept."""
+    """Not sampled, bad samples or loss, late, early, duplicate: dropped; one good one kept."""
     scenario = make_scenario(
         {"name": "updates", "mode": "centralized", "topology": {"kind": "ring", "peers": 3}}
     )
@@ -93,7 +93,7 @@ def test_update_checks_in_the_server(make_scenario, tmp_path):
         try:
             now = time.monotonic()
             c.members = {i: _Member(bytes([i]), now, 0) for i in range(3)}
-            c.round, c.sampled = 2, [0, 2]
+            c.round, c.closed, c.sampled = 2, 1, [0, 2]
             params = np.ones(c.expect.shapes["params"], np.float32)
 
             def update(sender, round_, meta):
@@ -108,6 +108,9 @@ def test_update_checks_in_the_server(make_scenario, tmp_path):
             update(0, 1, {"samples": 5})
             update(0, 2, {"samples": 5, "loss": 0.25})
             update(0, 2, {"samples": 5, "loss": 0.25})
+            update(2, 3, {"samples": 5})
+            c.sampled = []  # between rounds: nothing is open
+            update(2, 2, {"samples": 5})
         finally:
             c.close()
     reasons = [e["reason"] for e in logs if e["event"] == "message_dropped"]
@@ -118,6 +121,8 @@ def test_update_checks_in_the_server(make_scenario, tmp_path):
         "meta.loss is not a finite float",
         "meta.loss is not a finite float",
         "duplicate update for this round",
+        "update for round 3, the open round is 2",
+        "update for round 2, the open round is none",
     ]
     assert [e["sender"] for e in logs if e["event"] == "late_update"] == [0]
     assert list(c.updates) == [0] and c.updates[0].samples == 5 and c.updates[0].loss == 0.25
