@@ -65,7 +65,8 @@ class _Update:
 
 
 class Coordinator:
-    """Owns the coordinator's sockets and history; `run` serves until the session ends."""
+    """Owns the coordinator's sockets and history; `serve` (centralized) or `bootstrap`
+    (gossip) runs its role to the end."""
 
     def __init__(self, scenario: Scenario, out_dir: Path) -> None:
         self.s = scenario
