@@ -22,6 +22,7 @@ import numpy as np
 import structlog
 
 from p2pfl import wire
+from p2pfl.faults import die, poison
 from p2pfl.history import HistoryWriter, RoundRecord, save_model
 from p2pfl.learning.local import build, evaluate
 from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
@@ -69,6 +70,8 @@ class FedClient:
         self.cpu0 = 0.0
         self.recorded = -1  # the last round with a history line
         self.trained: _Trained | None = None
+        self.attack = scenario.byzantine(peer_id)
+        self.rng = np.random.default_rng([scenario.seed, peer_id, 11])  # the attack's noise
 
     # -- messages ------------------------------------------------------------------
 
@@ -213,7 +216,8 @@ class FedClient:
         if delay:
             time.sleep(delay)  # an injected straggler (faults.slow), on purpose
         meta = {"samples": self.samples, "loss": float(loss)}
-        self._send("update", round_, meta, model)
+        sent = model if self.attack is None else poison(self.attack, model, self.rng)
+        self._send("update", round_, meta, sent)
         self.trained = _Trained(round_, float(loss), model, train_s)
         return state
 
@@ -236,6 +240,8 @@ class FedClient:
                 self.log.warning("message_dropped", reason="start_round without params")
                 continue
             structlog.contextvars.bind_contextvars(round=msg.round)
+            if (crash := self.s.crash_round(self.id)) is not None and msg.round >= crash:
+                die(self.log)
             state, _ = self._adopt(msg, state)
             state = self._train(msg.round, state)
         structlog.contextvars.unbind_contextvars("round")

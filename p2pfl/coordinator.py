@@ -320,8 +320,6 @@ class Coordinator:
         self.log.info("round_closed", round=self.round, closed_by=closed_by, holdout_accuracy=acc)
 
     def _round(self, last: bool) -> None:
-        from p2pfl.gossip import weighted_mean
-
         c = self.s.centralized
         t = time.perf_counter()
         self._await_quorum()
@@ -354,15 +352,30 @@ class Coordinator:
                 j: float(u.samples) if c.weighting == "samples" else 1.0
                 for j, u in self.updates.items()
             }
-            self.global_params = weighted_mean(
-                {j: u.params for j, u in self.updates.items()}, weights
-            )
+            self.global_params = self._aggregate(weights)
         aggregate_s = time.perf_counter() - t
         if last:  # end_session goes out with the last round, so its bytes are on its line
             self._end()
         self._record(closed_by, self.sampled, connected, t_round, aggregate_s)
         self.closed = self.round  # updates for this round are late from now on
         self.sampled, self.expected, self.updates = [], set(), {}
+
+    def _aggregate(self, weights: dict[int, float]) -> np.ndarray:
+        """The new global model from this round's updates under `centralized.aggregator`."""
+        from p2pfl.gossip import weighted_mean
+        from p2pfl.robust import server_aggregate
+
+        c = self.s.centralized
+        if c.aggregator == "mean":  # FedAvg, read chunk by chunk (the path gossip matches)
+            return weighted_mean({j: u.params for j, u in self.updates.items()}, weights)
+        ids = sorted(self.updates)
+        return server_aggregate(
+            c.aggregator,
+            np.stack([np.asarray(self.updates[j].params) for j in ids]),
+            np.array([weights[j] for j in ids]),
+            trim=c.trim,
+            f=c.krum_f,
+        )
 
     def _send_end(self, peer: int) -> None:
         if self._send(peer, "end_session", {}, self.global_params):

@@ -121,6 +121,7 @@ def summarize(
     started_at: float,
     coordinator: Mapping[str, Any] | None = None,
     coordinator_history: list[dict[str, Any]] | None = None,
+    crashed: Iterable[int] = (),
 ) -> dict[str, Any]:
     """The `summary.json` of a run: outcome, final holdout accuracy, traffic, time.
 
@@ -147,6 +148,7 @@ def summarize(
         "rounds": rounds,
         "completed_peers": completed,
         "failed_peers": failed,
+        "crashed_peers": sorted(crashed),  # killed on purpose by [faults] crash
         "final_holdout_accuracy": _stats(finals),
         "bytes_sent_total": sum(sent.values()),
         "bytes_sent_busiest": _busiest(sent),

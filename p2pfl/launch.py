@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import shutil
 import signal
 import socket
@@ -127,14 +128,28 @@ def unusable_addresses(scenario: Scenario) -> list[str]:
     return problems
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (Linux; a common default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_base_port(count: int, host: str = "127.0.0.1") -> int:
-    """A base port such that base..base+count-1 can all be bound on `host` right now."""
+    """A base port such that base..base+count-1 can all be bound on `host` right now.
+
+    The range is drawn outside the kernel's ephemeral range: there, the peers' own
+    outgoing connections could take a port before the peer that owns it binds it.
+    """
+    low, high = _ephemeral_range()
+    spans = [(1024, low - count), (high + 1, 65000 - count)]
+    spans = [(a, b) for a, b in spans if b > a]
+    rng = random.Random()
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + count >= 65000:
-            continue
+        a, b = rng.choice(spans)
+        base = rng.randrange(a, b)
         socks = []
         try:
             for port in range(base, base + count):
@@ -256,6 +271,8 @@ class Launcher:
         table = Table("peer", "round", "holdout acc", "status", title=f"mean holdout {mean}")
         for i, t in self.tails.items():
             status = _status(self.procs[i].exitcode, bool(t.rows))
+            if self.procs[i].exitcode == -signal.SIGKILL and self.s.crash_round(i) is not None:
+                status = "crashed (fault)"
             last = t.rows[-1] if t.rows else {}
             acc = last.get("holdout_accuracy")
             table.add_row(
@@ -326,7 +343,13 @@ class Launcher:
         """Write `summary.json` and `accuracy.png` from the peers' histories."""
         histories = {i: history.read(t.path) for i, t in self.tails.items()}
         completed = [i for i, p in self.procs.items() if p.exitcode == 0]
-        failed = [i for i, p in self.procs.items() if p.exitcode != 0]
+        # peers killed on purpose ([faults] crash) are not failures of the run
+        crashed = [
+            i
+            for i, p in self.procs.items()
+            if p.exitcode == -signal.SIGKILL and self.s.crash_round(i) is not None
+        ]
+        failed = [i for i, p in self.procs.items() if p.exitcode != 0 and i not in crashed]
         coordinator = None
         if self.coordinator is not None:
             role = "server" if self.s.mode == "centralized" else "bootstrap"
@@ -343,6 +366,7 @@ class Launcher:
             started_at,
             coordinator,
             server,
+            crashed,
         )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from p2pfl.plots import accuracy_plot

@@ -18,10 +18,12 @@ import numpy as np
 import structlog
 
 from p2pfl import wire
+from p2pfl.faults import die, poison
 from p2pfl.gossip import mix
 from p2pfl.history import HistoryWriter, RoundRecord, save_model
 from p2pfl.learning.local import Local, build, evaluate
 from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
+from p2pfl.robust import gossip_aggregate
 from p2pfl.scenario import Scenario, check_tcp
 from p2pfl.topology import build_graph, local_weights
 from p2pfl.transport import Link, Transport
@@ -36,6 +38,7 @@ class _Inbox:
     """Checked models waiting for their round, bounded by the rounds-ahead window."""
 
     models: dict[int, dict[int, tuple[wire.Chunked, int]]] = field(default_factory=dict)
+    refused: dict[int, set[int]] = field(default_factory=dict)  # round -> bad-model senders
 
     def put(self, round_: int, sender: int, params: wire.Chunked, degree: int) -> bool:
         slot = self.models.setdefault(round_, {})
@@ -44,12 +47,18 @@ class _Inbox:
         slot[sender] = (params, degree)
         return True
 
+    def refuse(self, round_: int, sender: int) -> None:
+        """`sender`'s round model came but was unusable (NaN, short): do not wait for it."""
+        self.refused.setdefault(round_, set()).add(sender)
+
     def heard(self, round_: int) -> set[int]:
-        return set(self.models.get(round_, {}))
+        return set(self.models.get(round_, {})) | self.refused.get(round_, set())
 
     def take(self, round_: int) -> dict[int, tuple[wire.Chunked, int]]:
-        for r in [r for r in self.models if r < round_]:
-            del self.models[r]
+        for book in (self.models, self.refused):
+            for r in [r for r in book if r < round_]:
+                del book[r]
+        self.refused.pop(round_, None)
         return self.models.pop(round_, {})
 
 
@@ -77,6 +86,8 @@ class GossipPeer:
         self.transport = Transport(self.address, known, self.expect.max_frames)
         self.link: Link | None = None
         self.inbox = _Inbox()
+        self.attack = scenario.byzantine(peer_id)
+        self.rng = np.random.default_rng([scenario.seed, peer_id, 11])  # the attack's noise
         self.misses = dict.fromkeys(self.neighbours, 0)
         self.history = HistoryWriter(out_dir / f"peer-{peer_id}.jsonl")
         self.t0 = time.perf_counter()
@@ -93,6 +104,9 @@ class GossipPeer:
             msg = wire.decode(frames, self.expect)
         except wire.WireError as exc:
             self._drop(str(exc))
+            claimed = exc.round if exc.round is not None else -1
+            if exc.sender in self.misses and current <= claimed <= current + MAX_ROUNDS_AHEAD:
+                self.inbox.refuse(claimed, exc.sender)
             return
         if msg.type != "model":
             self._drop(f"unexpected message type {msg.type!r} in gossip mode", sender=msg.sender)
@@ -139,6 +153,8 @@ class GossipPeer:
         return test_acc, hold_acc, time.perf_counter() - t
 
     def _broadcast(self, round_: int, own: np.ndarray) -> int:
+        if self.attack is not None:  # a Byzantine peer sends its attack, keeps its model
+            own = poison(self.attack, own, self.rng)
         frames = wire.encode(
             "model",
             self.id,
@@ -212,9 +228,13 @@ class GossipPeer:
         weights = local_weights(
             self.s.gossip.mixing, self.degree, {j: g[1] for j, g in got.items()}
         )
-        mixed = mix(own, {j: g[0] for j, g in got.items()}, weights)
-        if np.isfinite(mixed.params).all():
-            state = trainer.with_params(state, mixed.params)
+        models = {j: g[0] for j, g in got.items()}
+        mixed = mix(own, models, weights)  # also the disagreement figure, whatever the rule
+        params = mixed.params
+        if self.s.gossip.aggregator != "mean" and models:
+            params = self._robust(own, models, weights)
+        if np.isfinite(params).all():
+            state = trainer.with_params(state, params)
         else:  # finite but huge neighbour values can overflow float32 when summed
             self.log.error("mixed_model_not_finite", heard=sorted(got), kept="own model")
         comm_s = time.perf_counter() - t - wait_s
@@ -246,6 +266,26 @@ class GossipPeer:
             save_model(path, as_numpy(state.params))
         self.log.info("round_done", holdout_accuracy=hold_acc, heard=len(got))
         return state
+
+    def _robust(
+        self, own: np.ndarray, received: dict[int, wire.Chunked], weights: dict[int, float]
+    ) -> np.ndarray:
+        """The round's new model under a robust `gossip.aggregator` (not "mean")."""
+        g = self.s.gossip
+        ids = sorted(received)
+        stack = np.stack([np.asarray(received[j]) for j in ids])
+        try:
+            return gossip_aggregate(
+                g.aggregator,
+                own,
+                stack,
+                np.array([weights[j] for j in ids]),
+                trim=g.trim,
+                tau=g.clip_tau,
+            )
+        except ValueError as exc:  # e.g. clipping would overflow float32
+            self.log.error("aggregation_failed", reason=str(exc), kept="own model")
+            return own
 
     def _update_liveness(self, got: dict[int, tuple[wire.Chunked, int]]) -> None:
         limit = self.s.gossip.gone_after_rounds
@@ -289,8 +329,11 @@ class GossipPeer:
         self.log.info(
             "peer_started", neighbours=self.neighbours, params=self.local.trainer.n_params
         )
+        crash = self.s.crash_round(self.id)
         for r in range(1, self.s.training.rounds + 1):
             structlog.contextvars.bind_contextvars(round=r)
+            if r == crash:
+                die(self.log)
             state = self._round(r, state)
         structlog.contextvars.unbind_contextvars("round")
         save_model(self.out_dir / "models" / f"peer-{self.id}.npz", as_numpy(state.params))

@@ -118,6 +118,11 @@ class Gossip(_Section):
     round_timeout_s: float = Field(10.0, gt=0.0)
     startup_timeout_s: float = Field(60.0, gt=0.0)
     gone_after_rounds: int = Field(3, ge=1)
+    # mean: Metropolis mixing; median / trimmed_mean: coordinate-wise over the
+    # peer's own and its neighbours' models; clipping: self-centred clipping (tau)
+    aggregator: Literal["mean", "median", "trimmed_mean", "clipping"] = "mean"
+    trim: int = Field(1, ge=0)  # trimmed_mean: values dropped at each end, per coordinate
+    clip_tau: float = Field(1.0, gt=0.0)  # clipping: largest pull of one neighbour (L2)
 
 
 class Centralized(_Section):
@@ -129,6 +134,9 @@ class Centralized(_Section):
     round_timeout_s: float = Field(30.0, gt=0.0)  # deadline of a round, from its start
     startup_timeout_s: float = Field(60.0, gt=0.0)  # wait for min_peers before giving up
     weighting: Literal["samples", "uniform"] = "samples"  # FedAvg weights; uniform = the talk
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum"] = "mean"  # mean = FedAvg
+    trim: int = Field(1, ge=0)  # trimmed_mean: values dropped at each end, per coordinate
+    krum_f: int = Field(1, ge=0)  # krum: Byzantine updates it tolerates
     heartbeat_s: float = Field(0.5, gt=0.0, le=60.0)  # both sides send something this often
     peer_timeout_s: float = Field(10.0, gt=0.0)  # a peer silent this long is not sampled
     coordinator_timeout_s: float = Field(10.0, gt=0.0)  # a peer gives up after this silence
@@ -155,10 +163,31 @@ class Slow(_Section):
     delay_s: float = Field(gt=0.0, le=3600.0)
 
 
+Attack = Literal["sign_flip", "scale", "gaussian", "nan", "label_flip"]
+
+
+class Byzantine(_Section):
+    """A Byzantine peer: what it sends (or trains on) is an attack."""
+
+    peer: int = Field(ge=0)
+    attack: Attack
+    factor: float = Field(-4.0, ge=-1e6, le=1e6)  # scale: it sends factor * its model
+    sigma: float = Field(1.0, gt=0.0, le=1e6)  # gaussian: noise added to its model
+
+
+class Crash(_Section):
+    """The peer process dies hard (SIGKILL) when it reaches `at_round`."""
+
+    peer: int = Field(ge=0)
+    at_round: int = Field(ge=1)
+
+
 class Faults(_Section):
     """Faults injected on purpose, to test what survives them."""
 
     slow: list[Slow] = Field(default_factory=list)
+    byzantine: list[Byzantine] = Field(default_factory=list)
+    crash: list[Crash] = Field(default_factory=list)
 
 
 class Output(_Section):
@@ -249,6 +278,14 @@ class Scenario(_Section):
     def slow_delay(self, peer_id: int) -> float:
         """Seconds peer `peer_id` holds back each model (0 unless it is a straggler)."""
         return sum(f.delay_s for f in self.faults.slow if f.peer == peer_id)
+
+    def byzantine(self, peer_id: int) -> Byzantine | None:
+        """The attack peer `peer_id` carries out, if it is Byzantine."""
+        return next((f for f in self.faults.byzantine if f.peer == peer_id), None)
+
+    def crash_round(self, peer_id: int) -> int | None:
+        """The round at which peer `peer_id` is killed, if any."""
+        return next((f.at_round for f in self.faults.crash if f.peer == peer_id), None)
 
     def with_mode(self, mode: str) -> Scenario:
         """The same scenario run in another mode, validated again."""
@@ -420,9 +457,13 @@ def _check_pool(s: Scenario) -> None:
 def _check_coordinator(s: Scenario) -> None:
     """Centralized settings that must agree with the peer count, and a reachable server."""
     n, c = s.peers, s.centralized
-    for f in s.faults.slow:
-        if f.peer >= n:
-            raise ScenarioError(f"faults.slow: peer = {f.peer} is not a peer id in 0..{n - 1}")
+    for kind in ("slow", "byzantine", "crash"):
+        ids = [f.peer for f in getattr(s.faults, kind)]
+        for i in ids:
+            if i >= n:
+                raise ScenarioError(f"faults.{kind}: peer = {i} is not a peer id in 0..{n - 1}")
+        if len(set(ids)) != len(ids):
+            raise ScenarioError(f"faults.{kind}: a peer is listed twice")
     if c.min_peers is not None and c.min_peers > n:
         raise ScenarioError(
             f"centralized.min_peers = {c.min_peers}: more than the {n} peers of the scenario"

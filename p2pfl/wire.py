@@ -47,7 +47,18 @@ Buffer = bytes | memoryview  # one frame as it leaves or arrives
 
 
 class WireError(ValueError):
-    """A received message failed a check; `str(err)` is the reason to log."""
+    """A received message failed a check; `str(err)` is the reason to log.
+
+    When the header itself was valid and only the arrays failed (NaN, a short payload),
+    `sender` and `round` say what the header claimed, so a receiver can stop waiting
+    for that sender's round without ever using what it sent. They are claims, not
+    proof: no more trusted than any header.
+    """
+
+    def __init__(self, reason: str, sender: int | None = None, round_: int | None = None) -> None:
+        super().__init__(reason)
+        self.sender = sender
+        self.round = round_
 
 
 @dataclass(frozen=True)
@@ -273,17 +284,10 @@ def _split(frames: Sequence[Buffer], dtype: np.dtype, shape: tuple[int, ...], na
     return Chunked(tuple(chunks), shape)
 
 
-def decode(frames: Sequence[Buffer], expect: Expect) -> Message:
-    """Check and decode one received multipart message, or raise WireError."""
-    if not frames:
-        raise WireError("empty message")
-    if len(frames) > expect.max_frames:
-        raise WireError(f"{len(frames)} frames, at most {expect.max_frames} expected")
-    h = _unpack_header(frames[0])
-    _check_header(h, expect)
+def _arrays(frames: Sequence[Buffer], descriptors: list[Any], expect: Expect) -> dict[str, Chunked]:
     arrays: dict[str, Chunked] = {}
     cursor = 1
-    for d in h["arrays"]:
+    for d in descriptors:
         name, dtype, shape, nframes = _check_descriptor(d, expect)
         if name in arrays:
             raise WireError(f"array {name!r} appears twice")
@@ -294,6 +298,21 @@ def decode(frames: Sequence[Buffer], expect: Expect) -> Message:
         cursor += nframes
     if cursor != len(frames):
         raise WireError(f"{len(frames) - cursor} frames beyond those the header describes")
+    return arrays
+
+
+def decode(frames: Sequence[Buffer], expect: Expect) -> Message:
+    """Check and decode one received multipart message, or raise WireError."""
+    if not frames:
+        raise WireError("empty message")
+    if len(frames) > expect.max_frames:
+        raise WireError(f"{len(frames)} frames, at most {expect.max_frames} expected")
+    h = _unpack_header(frames[0])
+    _check_header(h, expect)
+    try:
+        arrays = _arrays(frames, h["arrays"], expect)
+    except WireError as exc:
+        raise WireError(str(exc), h["sender"], h["round"]) from None
     return Message(
         type=h["type"], sender=h["sender"], round=h["round"], meta=h["meta"], arrays=arrays
     )

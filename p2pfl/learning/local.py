@@ -144,7 +144,16 @@ def build_server(s: Scenario) -> Server:
 
 
 def build(s: Scenario, peer_id: int) -> Local:
-    """Everything a peer needs to train, deterministic in (scenario, peer id)."""
+    """Everything a peer needs to train, deterministic in (scenario, peer id).
+
+    A label_flip Byzantine peer (`[faults] byzantine`) trains on flipped labels.
+    """
     data, ds = peer_data(s, peer_id)
+    attack = s.byzantine(peer_id)
+    if attack is not None and attack.attack == "label_flip":
+        from p2pfl.faults import flip_labels
+
+        flipped = flip_labels(np.asarray(data.y_train), ds.n_classes)
+        data = data._replace(y_train=jnp.asarray(flipped))
     trainer = _trainer(s, ds, int(data.x_train.shape[0]))
     return Local(data, trainer, trainer.init(s.seed, *random_streams(s, peer_id)), ds.n_classes)
