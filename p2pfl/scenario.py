@@ -215,7 +215,7 @@ class Network(_Section):
     """Where peers listen: `host` and `base_port + id`, or one address per peer."""
 
     host: str = "127.0.0.1"
-    base_port: int = Field(47000, ge=1024, le=65000)
+    base_port: int = Field(27000, ge=1024, le=65000)  # below the usual ephemeral range
     addresses: list[str] | None = None
 
     @field_validator("addresses")

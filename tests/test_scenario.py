@@ -303,7 +303,7 @@ def test_default_addresses_are_distinct_ports():
     """Without explicit addresses each peer listens on base_port + id."""
     s = Scenario()
     addresses = [s.address(i) for i in range(s.peers)]
-    assert addresses[0] == "tcp://127.0.0.1:47000"
+    assert addresses[0] == "tcp://127.0.0.1:27000"
     assert len(set(addresses)) == s.peers
 
 
