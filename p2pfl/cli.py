@@ -158,7 +158,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         if s.mode == "centralized":
             run_client(s, args.id, out)
         else:
-            run_peer(s, args.id, out, args.address)
+            run_peer(s, args.id, out, args.address, args.resume)
     except (CoordinatorLostError, BootstrapError) as exc:
         print(f"p2pfl: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -289,6 +289,11 @@ def _parser() -> argparse.ArgumentParser:
         help="bind and advertise this tcp://HOST:PORT (gossip with coordinator.bootstrap)",
     )
     q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="gossip: continue from this peer's checkpoint in the run folder, then catch up",
+    )
     log_arg(q)
     q.set_defaults(func=cmd_peer)
 

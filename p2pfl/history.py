@@ -65,9 +65,9 @@ class ServerRecord:
 class HistoryWriter:
     """Appends records to a JSON-lines file, one flushed line per round."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w", buffering=1)
+        self._file = path.open("a" if append else "w", buffering=1)
 
     def write(self, record: RoundRecord | ServerRecord) -> None:
         """Append one round."""

@@ -183,14 +183,17 @@ def _clean(out: Path) -> None:
     for pattern in ("peer-*.jsonl", "coordinator.jsonl", "summary.json", "*.png", "pids.json"):
         for p in out.glob(pattern):
             p.unlink()
-    for sub in ("models", "logs"):
+    for sub in ("models", "logs", "checkpoints"):
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
-def peer_args(scenario_path: Path | None, mode: str, peer_id: int, out: Path) -> list[str]:
+def peer_args(
+    scenario_path: Path | None, mode: str, peer_id: int, out: Path, resume: bool = False
+) -> list[str]:
     """`p2pfl peer` arguments for one peer, exactly as a user would type them on a host."""
     scenario = [] if scenario_path is None else [str(scenario_path)]
-    return ["peer", *scenario, "--mode", mode, "--id", str(peer_id), "--out", str(out)]
+    extra = ["--resume"] if resume else []
+    return ["peer", *scenario, "--mode", mode, "--id", str(peer_id), "--out", str(out), *extra]
 
 
 def coordinator_args(scenario_path: Path | None, mode: str, out: Path) -> list[str]:
@@ -211,6 +214,8 @@ class Launcher:
         self.console = console
         self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self.coordinator: multiprocessing.process.BaseProcess | None = None
+        self.rejoin_at: dict[int, float] = {}  # peer -> when its injected crash ends
+        self.rejoined: set[int] = set()
         self.tails = {i: _Tail(out / f"peer-{i}.jsonl") for i in range(scenario.peers)}
         self.server_tail = _Tail(out / "coordinator.jsonl")
 
@@ -230,11 +235,32 @@ class Launcher:
             )
             self.coordinator = ctx.Process(target=_child_main, args=args, name="p2pfl-coordinator")
             self.coordinator.start()
+        self._ctx, self._cores = ctx, cores
         for i in range(self.s.peers):
-            stderr = str(logs / f"peer-{i}.stderr")
-            args = (peer_args(self.path, self.s.mode, i, self.out), cores[i % len(cores)], stderr)
-            self.procs[i] = ctx.Process(target=_child_main, args=args, name=f"p2pfl-peer-{i}")
-            self.procs[i].start()
+            self._spawn(i)
+        self._write_pids()
+
+    def _spawn(self, i: int, resume: bool = False) -> None:
+        stderr = str(self.out / "logs" / f"peer-{i}.stderr")
+        argv = peer_args(self.path, self.s.mode, i, self.out, resume)
+        args = (argv, self._cores[i % len(self._cores)], stderr)
+        self.procs[i] = self._ctx.Process(target=_child_main, args=args, name=f"p2pfl-peer-{i}")
+        self.procs[i].start()
+
+    def _rejoin_due(self) -> None:
+        """Restart peers killed by an injected crash that has `rejoin_after_s`, when due."""
+        now = time.monotonic()
+        for i, p in self.procs.items():
+            after = self.s.rejoin_after(i)
+            if after is None or i in self.rejoined or p.exitcode != -signal.SIGKILL:
+                continue
+            due = self.rejoin_at.setdefault(i, now + after)
+            if now >= due:
+                self.rejoined.add(i)
+                self._spawn(i, resume=True)
+                self._write_pids()
+
+    def _write_pids(self) -> None:
         pids: dict[str, int | None] = {str(i): p.pid for i, p in self.procs.items()}
         if self.coordinator is not None:
             pids["coordinator"] = self.coordinator.pid
@@ -306,8 +332,11 @@ class Launcher:
         tails = [*self.tails.values(), self.server_tail]
         with Live(self._view(progress, task), console=self.console, refresh_per_second=4) as live:
             server_died: float | None = None
-            while alive := [p.sentinel for p in self.procs.values() if p.is_alive()]:
+            while (alive := [p.sentinel for p in self.procs.values() if p.is_alive()]) or (
+                set(self.rejoin_at) - self.rejoined
+            ):
                 multiprocessing.connection.wait(alive, TICK_S)
+                self._rejoin_due()
                 for t in tails:
                     t.poll()
                 live.update(self._view(progress, task))
@@ -368,6 +397,7 @@ class Launcher:
             server,
             crashed,
         )
+        summary["rejoined_peers"] = sorted(self.rejoined)  # restarted from their checkpoint
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from p2pfl.plots import accuracy_plot
 

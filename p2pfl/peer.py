@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from p2pfl import wire
+from p2pfl import checkpoint, wire
 from p2pfl.faults import die, poison
 from p2pfl.gossip import mix
 from p2pfl.history import HistoryWriter, RoundRecord, save_model
@@ -66,9 +66,15 @@ class GossipPeer:
     """Owns one peer's sockets and history file; `run` does every round."""
 
     def __init__(
-        self, scenario: Scenario, peer_id: int, out_dir: Path, address: str | None = None
+        self,
+        scenario: Scenario,
+        peer_id: int,
+        out_dir: Path,
+        address: str | None = None,
+        resume: bool = False,
     ) -> None:
         self.s = scenario
+        self.resume = resume
         self.id = peer_id
         self.out_dir = out_dir
         graph = build_graph(scenario.topology, scenario.seed, scenario.base_dir)
@@ -83,13 +89,21 @@ class GossipPeer:
             if scenario.coordinator.bootstrap
             else {j: scenario.address(j) for j in self.neighbours}
         )
-        self.transport = Transport(self.address, known, self.expect.max_frames)
+        self.transport = Transport(
+            self.address,
+            known,
+            self.expect.max_frames,
+            link_delay_ms=scenario.faults.link_delay_ms,
+            link_drop=scenario.faults.link_drop,
+            seed=[scenario.seed, peer_id, 12],  # which messages the link loses
+        )
         self.link: Link | None = None
         self.inbox = _Inbox()
         self.attack = scenario.byzantine(peer_id)
         self.rng = np.random.default_rng([scenario.seed, peer_id, 11])  # the attack's noise
         self.misses = dict.fromkeys(self.neighbours, 0)
-        self.history = HistoryWriter(out_dir / f"peer-{peer_id}.jsonl")
+        self.history = HistoryWriter(out_dir / f"peer-{peer_id}.jsonl", append=resume)
+        self.checkpoint = checkpoint.path_for(out_dir, peer_id)
         self.t0 = time.perf_counter()
         self.log = log.bind(peer=peer_id)
 
@@ -299,9 +313,7 @@ class GossipPeer:
                 if self.misses[j] == limit:
                     self.log.warning("neighbour_gone", neighbour=j, silent_rounds=limit)
 
-    def run(self) -> None:
-        """Every round of the scenario, then the final model to `models/peer-<id>.npz`."""
-        state = self.local.state
+    def _record_initial(self, state: TrainState) -> None:
         test_acc, hold_acc, eval_s = self._evaluate(state.params)
         self.history.write(
             RoundRecord(
@@ -324,17 +336,81 @@ class GossipPeer:
                 evaluated_on="initial",
             )
         )
+
+    def _restore(self) -> tuple[TrainState, int]:
+        """The checkpointed state and its round (`--resume`), or the initial state."""
+        if self.resume and self.checkpoint.exists():
+            saved = checkpoint.load(self.checkpoint, self.local.state)
+            self.log.info("resumed", round=saved.round)
+            return saved.state, saved.round
+        if self.resume:
+            self.log.warning("no_checkpoint", path=str(self.checkpoint), starting="round 1")
+        self._record_initial(self.local.state)
+        return self.local.state, 0
+
+    def _catch_up(self, state: TrainState, last: int) -> tuple[TrainState, int]:
+        """After a restart: listen (up to one round timeout) for the neighbours' models,
+        adopt the mean of the newest round's and go on from the round after it.
+
+        The neighbours gave up waiting for this peer long ago; they take it back as soon
+        as its models arrive in time for their rounds again.
+        """
+        seen: dict[int, dict[int, tuple[wire.Chunked, int]]] = {}
+        deadline = time.monotonic() + self.s.gossip.round_timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            frames = self.transport.recv(remaining)
+            if frames is None:
+                break
+            try:
+                msg = wire.decode(frames, self.expect)
+            except wire.WireError as exc:
+                self._drop(str(exc))
+                continue
+            degree = msg.meta.get("degree")
+            if msg.type != "model" or msg.sender not in self.misses or "params" not in msg.arrays:
+                self._drop("not a neighbour's model", sender=msg.sender)
+                continue
+            if not (wire.is_int(degree) and 1 <= degree < self.s.peers):
+                self._drop("meta.degree missing or out of range", sender=msg.sender)
+                continue
+            seen.setdefault(msg.round, {})[msg.sender] = (msg.arrays["params"], degree)
+            if len(seen[msg.round]) == self.degree:
+                break  # one round with every neighbour's model: new enough
+        if not seen or max(seen) <= last:
+            self.log.info("catch_up_found_nobody", continuing_from=last + 1)
+            return state, last
+        newest = max(seen)
+        models = [np.asarray(x) for x, _ in seen[newest].values()]
+        params = np.mean(np.stack(models).astype(np.float64), axis=0).astype(np.float32)
+        for r in (newest + 1, newest + 2):  # already here: keep them for those rounds
+            for j, (x, d) in seen.get(r, {}).items():
+                self.inbox.put(r, j, x, d)
+        self.log.info(
+            "caught_up", from_round=last, to_round=newest, neighbours=sorted(seen[newest])
+        )
+        return self.local.trainer.with_params(state, params), newest
+
+    def run(self) -> None:
+        """Every round of the scenario, then the final model to `models/peer-<id>.npz`.
+
+        The state is checkpointed after every round; with `--resume` the peer starts
+        from its checkpoint and catches up with its neighbours first.
+        """
+        state, last = self._restore()
         if self.s.coordinator.bootstrap:
             self._bootstrap()
+        if last > 0:
+            state, last = self._catch_up(state, last)
         self.log.info(
             "peer_started", neighbours=self.neighbours, params=self.local.trainer.n_params
         )
-        crash = self.s.crash_round(self.id)
-        for r in range(1, self.s.training.rounds + 1):
+        crash = None if self.resume else self.s.crash_round(self.id)
+        for r in range(last + 1, self.s.training.rounds + 1):
             structlog.contextvars.bind_contextvars(round=r)
             if r == crash:
                 die(self.log)
             state = self._round(r, state)
+            checkpoint.save(self.checkpoint, state, r)
         structlog.contextvars.unbind_contextvars("round")
         save_model(self.out_dir / "models" / f"peer-{self.id}.npz", as_numpy(state.params))
         if self.link is not None:  # best effort: the coordinator may be long gone
@@ -377,9 +453,15 @@ def _neighbour_addresses(
     return addresses if sorted(addresses) == neighbours else None
 
 
-def run_peer(scenario: Scenario, peer_id: int, out_dir: Path, address: str | None = None) -> None:
+def run_peer(
+    scenario: Scenario,
+    peer_id: int,
+    out_dir: Path,
+    address: str | None = None,
+    resume: bool = False,
+) -> None:
     """Run one gossip peer to completion; sockets are closed even on error."""
-    peer = GossipPeer(scenario, peer_id, out_dir, address)
+    peer = GossipPeer(scenario, peer_id, out_dir, address, resume)
     try:
         peer.run()
     finally:

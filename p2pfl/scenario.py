@@ -176,10 +176,12 @@ class Byzantine(_Section):
 
 
 class Crash(_Section):
-    """The peer process dies hard (SIGKILL) when it reaches `at_round`."""
+    """The peer process dies hard (SIGKILL) when it reaches `at_round`; with
+    `rejoin_after_s` the launcher restarts it that long after, from its checkpoint."""
 
     peer: int = Field(ge=0)
     at_round: int = Field(ge=1)
+    rejoin_after_s: float | None = Field(None, ge=0.0, le=3600.0)
 
 
 class Faults(_Section):
@@ -188,6 +190,9 @@ class Faults(_Section):
     slow: list[Slow] = Field(default_factory=list)
     byzantine: list[Byzantine] = Field(default_factory=list)
     crash: list[Crash] = Field(default_factory=list)
+    # gossip links, applied per message on send: held this long before it is queued ...
+    link_delay_ms: float = Field(0.0, ge=0.0, le=3_600_000.0)
+    link_drop: float = Field(0.0, ge=0.0, lt=1.0)  # ... or lost with this probability
 
 
 class Output(_Section):
@@ -286,6 +291,10 @@ class Scenario(_Section):
     def crash_round(self, peer_id: int) -> int | None:
         """The round at which peer `peer_id` is killed, if any."""
         return next((f.at_round for f in self.faults.crash if f.peer == peer_id), None)
+
+    def rejoin_after(self, peer_id: int) -> float | None:
+        """Seconds after its injected crash that peer `peer_id` is restarted, if it is."""
+        return next((f.rejoin_after_s for f in self.faults.crash if f.peer == peer_id), None)
 
     def with_mode(self, mode: str) -> Scenario:
         """The same scenario run in another mode, validated again."""

@@ -98,3 +98,32 @@ def test_nan_never_reaches_an_honest_model(make_scenario, launch_run):
     ]
     assert drops and all("NaN or Inf" in e["reason"] for e in drops)
     assert final_accuracy(run, honest) >= 0.93
+
+
+def test_crashed_peer_rejoins_from_its_checkpoint(make_scenario, launch_run):
+    """A peer killed at round 10 restarts from its checkpoint, catches up, ends near its
+    neighbours' accuracy."""
+    scenario = make_scenario(
+        {
+            "name": "rejoin",
+            "gossip": {"round_timeout_s": 1.0, "gone_after_rounds": 2},
+            "training": {"rounds": 60},
+            "faults": {"crash": [{"peer": 3, "at_round": 10, "rejoin_after_s": 1.0}]},
+        }
+    )
+    run = launch_run(scenario, "rejoin")
+    summary = finished(run)
+    assert summary["completed_peers"] == list(range(8)) and summary["rejoined_peers"] == [3]
+    assert summary["crashed_peers"] == [] and summary["failed_peers"] == []
+    log = read_jsonl(run.out / "logs" / "peer-3.jsonl")
+    [resumed] = [e for e in log if e["event"] == "resumed"]
+    assert resumed["round"] == 9  # the checkpoint of the last round it finished
+    [caught] = [e for e in log if e["event"] == "caught_up"]
+    assert caught["to_round"] > 9 and caught["neighbours"]
+    rows = read_jsonl(run.out / "peer-3.jsonl")
+    rounds = [r["round"] for r in rows]
+    assert rounds[:10] == list(range(10)) and rounds[-1] == 60
+    assert rows[-1]["neighbours_heard"] == [2, 4]  # taken back by both neighbours
+    mine = rows[-1]["holdout_accuracy"]
+    theirs = final_accuracy(run, [2, 4])
+    assert abs(mine - theirs) <= 0.01, (mine, theirs)
