@@ -295,7 +295,8 @@ class GossipPeer:
                 stack,
                 np.array([weights[j] for j in ids]),
                 trim=g.trim,
-                tau=g.clip_tau,
+                tau=None if g.clip_tau == "adaptive" else g.clip_tau,
+                clip_fraction=g.clip_fraction,
             )
         except ValueError as exc:  # e.g. clipping would overflow float32
             self.log.error("aggregation_failed", reason=str(exc), kept="own model")

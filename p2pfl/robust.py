@@ -112,6 +112,26 @@ def self_centred_clip(
     return out
 
 
+def adaptive_tau(
+    own: np.ndarray, received: np.ndarray, weights: np.ndarray, fraction: float
+) -> float:
+    """ClippedGossip's adaptive radius: clip the farthest neighbours holding at most
+    `fraction` of the weight, i.e. tau = the largest distance among the others."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    r = np.asarray(received, dtype=np.float64)
+    if r.ndim != 2 or r.shape[0] == 0:
+        return 1.0  # nothing to clip: any radius will do
+    w = _weights(weights, r.shape[0])
+    dist = np.linalg.norm(r - np.asarray(own, dtype=np.float64), axis=1)
+    clipped = 0.0
+    for j in np.argsort(-dist, kind="stable"):
+        if clipped + w[j] > fraction:
+            return max(float(dist[j]), 1e-12)
+        clipped += w[j]
+    return max(float(dist.min()), 1e-12)
+
+
 def _fit_trim(trim: int, n: int) -> int:
     """The largest trim up to `trim` that leaves at least one value: min(trim, (n - 1) // 2)."""
     return min(_count(trim, "trim"), (n - 1) // 2)
@@ -129,18 +149,22 @@ def gossip_aggregate(
     weights: np.ndarray,
     *,
     trim: int,
-    tau: float,
+    tau: float | None,
+    clip_fraction: float = 0.2,
 ) -> np.ndarray:
     """A gossip peer's robust step over its own model and the `[k, d]` ones it received.
 
     median / trimmed_mean treat own as one more (unweighted) row; "mean" stays with
-    `gossip.mix`, whose exact float64 path the peer keeps.
+    `gossip.mix`, whose exact float64 path the peer keeps. clipping with `tau=None`
+    picks tau each round by `adaptive_tau(..., clip_fraction)`.
     """
     if name not in GOSSIP_AGGREGATORS:
         raise _unknown("gossip", name, GOSSIP_AGGREGATORS)
     if name == "mean":
         raise ValueError("use gossip.mix for the plain mean")
     if name == "clipping":
+        if tau is None:
+            tau = adaptive_tau(own, received, weights, clip_fraction)
         return self_centred_clip(own, received, weights, tau)
     x, r = np.asarray(own), np.asarray(received)
     if x.ndim != 1 or r.ndim != 2 or r.shape[1] != x.shape[0]:

@@ -14,7 +14,7 @@ import json
 import string
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -122,7 +122,10 @@ class Gossip(_Section):
     # peer's own and its neighbours' models; clipping: self-centred clipping (tau)
     aggregator: Literal["mean", "median", "trimmed_mean", "clipping"] = "mean"
     trim: int = Field(1, ge=0)  # trimmed_mean: values dropped at each end, per coordinate
-    clip_tau: float = Field(1.0, gt=0.0)  # clipping: largest pull of one neighbour (L2)
+    # clipping: largest pull of one neighbour (L2); "adaptive": each round, clip the
+    # farthest neighbours holding at most clip_fraction of the mixing weight
+    clip_tau: Annotated[float, Field(gt=0.0)] | Literal["adaptive"] = 1.0
+    clip_fraction: float = Field(0.2, ge=0.0, lt=1.0)
 
 
 class Centralized(_Section):
