@@ -12,6 +12,7 @@ from p2pfl.gossip import mix, weighted_mean
 from p2pfl.robust import (
     GOSSIP_AGGREGATORS,
     SERVER_AGGREGATORS,
+    adaptive_tau,
     coordinate_median,
     gossip_aggregate,
     krum,
@@ -364,3 +365,17 @@ def test_server_mean_matches_gossip_weighted_mean_bit_for_bit(stack):
     out = server_aggregate("mean", stack, weights, trim=0, f=0)
     expected = weighted_mean(dict(enumerate(stack)), dict(enumerate(weights.tolist())))
     np.testing.assert_array_equal(out, expected)
+
+
+def test_adaptive_tau_clips_the_farthest_share_of_the_weight():
+    """tau is the largest distance left once the farthest neighbours (<= fraction) are cut."""
+    own = np.zeros(2, np.float32)
+    received = np.array([[d, 0.0] for d in (1.0, 2.0, 3.0, 40.0, 50.0, 60.0)], np.float32)
+    weights = np.full(6, 1 / 7)
+    assert adaptive_tau(own, received, weights, 0.45) == pytest.approx(3.0)  # 3/7 <= 0.45
+    assert adaptive_tau(own, received, weights, 0.2) == pytest.approx(50.0)  # only 60 is cut
+    assert adaptive_tau(own, received, weights, 0.0) == pytest.approx(60.0)  # nothing is cut
+    out = gossip_aggregate("clipping", own, received, weights, trim=0, tau=None, clip_fraction=0.45)
+    assert np.linalg.norm(out) <= 6 / 7 * 3.0 + 1e-5  # no neighbour pulled by more than tau
+    with pytest.raises(ValueError, match="fraction"):
+        adaptive_tau(own, received, weights, 1.0)
