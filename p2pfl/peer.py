@@ -52,7 +52,11 @@ class _Inbox:
         self.refused.setdefault(round_, set()).add(sender)
 
     def heard(self, round_: int) -> set[int]:
-        return set(self.models.get(round_, {})) | self.refused.get(round_, set())
+        """Senders not to wait for in `round_`: their model came, was refused, or a later
+        one came (one connection delivers in order, so the earlier one was lost)."""
+        later = {j for r, slot in self.models.items() if r > round_ for j in slot}
+        later |= {j for r, senders in self.refused.items() if r > round_ for j in senders}
+        return set(self.models.get(round_, {})) | self.refused.get(round_, set()) | later
 
     def take(self, round_: int) -> dict[int, tuple[wire.Chunked, int]]:
         for book in (self.models, self.refused):

@@ -10,13 +10,26 @@ bound by the coordinator, one DEALER per peer) carries hello / welcome / start_r
 end_session / heartbeat / bye, the talk's Socket.IO events; a separate update channel
 (PULL bound by the coordinator, PUSH from each peer) carries model updates, the role
 the talk's Kafka topic played. This module knows frames, not models.
+
+Link faults (`[faults] link_delay_ms`, `link_drop`, gossip only): `Transport` can lose
+each message to a neighbour with a seeded probability, and hold each one back for a
+fixed delay before it is queued, as a slow or lossy network would. Delayed messages
+wait (copied) in a heap served by one small sender thread, so the peer's round loop
+never blocks on them; `close` sends what falls due within `LINGER_MS` and drops the
+rest. Losses are counted and logged once, at debug level (`link_dropped`), at close.
 """
 
 from __future__ import annotations
 
+import heapq
 import secrets
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
+import structlog
 import zmq
 
 from p2pfl.wire import MAX_FRAME_BYTES, Buffer
@@ -26,6 +39,7 @@ SEND_HWM = 4  # messages queued per neighbour before sends are dropped
 LINGER_MS = 2000  # on close, time allowed to flush the last round's models
 RECV_HWM = 16  # messages ZeroMQ queues per connection before it stops reading from it
 MAX_RECV_FRAME = 2 * MAX_FRAME_BYTES  # ZMQ drops the connection of a sender above this
+log = structlog.get_logger()
 
 
 def read_capped(sock: zmq.Socket, keep: int) -> list[Buffer]:
@@ -59,15 +73,94 @@ def _inbound(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
+class _DelayLine:
+    """Sends each message once its delay has passed, from one thread, in due order.
+
+    `put` copies the frames (the caller may reuse its buffers) and returns at once;
+    the thread sleeps on a condition until the earliest message is due, so the
+    caller's loop is never held up. Only this thread sends on the outboxes while it
+    runs; `close` lets it send what is due by a deadline, drops the rest and joins it.
+    """
+
+    def __init__(self, delay_s: float, send: Callable[[int, list[bytes]], bool]) -> None:
+        self._delay_s = delay_s
+        self._send = send
+        self._heap: list[tuple[float, int, int, list[bytes]]] = []  # (due, seq, to, frames)
+        self._seq = 0
+        self._closing = False
+        self._cond = threading.Condition()
+        self.queue_full: Counter[int] = Counter()  # refused by ZeroMQ when they fell due
+        self.unsent = 0  # still waiting at the close deadline: dropped
+        self._thread = threading.Thread(target=self._run, name="p2pfl-link-delay", daemon=True)
+        self._thread.start()
+
+    def put(self, peer_id: int, frames: Sequence[Buffer]) -> None:
+        """Hold a copy of `frames` for `peer_id` until the delay has passed."""
+        copies = [bytes(f) for f in frames]
+        with self._cond:
+            due = time.monotonic() + self._delay_s
+            heapq.heappush(self._heap, (due, self._seq, peer_id, copies))
+            self._seq += 1
+            self._cond.notify()
+
+    def _next(self) -> tuple[int, list[bytes]] | None:
+        """The next message once it is due; None when closing and nothing is left."""
+        with self._cond:
+            while True:
+                if self._heap:
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        _, _, peer_id, frames = heapq.heappop(self._heap)
+                        return peer_id, frames
+                    self._cond.wait(wait)
+                elif self._closing:
+                    return None
+                else:
+                    self._cond.wait()
+
+    def _run(self) -> None:
+        while (item := self._next()) is not None:
+            peer_id, frames = item
+            if not self._send(peer_id, frames):
+                self.queue_full[peer_id] += 1
+                log.info("send_dropped", to=peer_id, reason="neighbour queue full", delayed=True)
+
+    def close(self, deadline: float) -> None:
+        """Send what falls due by `deadline` (monotonic), drop the rest, stop the thread."""
+        with self._cond:
+            keep = [item for item in self._heap if item[0] <= deadline]
+            self.unsent += len(self._heap) - len(keep)
+            heapq.heapify(keep)
+            self._heap = keep
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if self._thread.is_alive():  # cannot happen: the thread never blocks on a socket
+            log.error("link_delay_thread_stuck")
+
+
 class Transport:
-    """A peer's sockets: `send` to a neighbour id, `recv` from anyone, `close` at the end."""
+    """A peer's sockets: `send` to a neighbour id, `recv` from anyone, `close` at the end.
+
+    `link_delay_ms` and `link_drop` inject link faults on send (see the module
+    docstring); `seed` seeds the losses, so a run loses the same messages every time.
+    With both at 0 (the default) sends go straight to ZeroMQ, exactly as without them.
+    """
 
     def __init__(
         self,
         bind: str,
         neighbours: Mapping[int, str],
         max_frames: int,
+        *,
+        link_delay_ms: float = 0.0,
+        link_drop: float = 0.0,
+        seed: int | Sequence[int] | None = None,
     ) -> None:
+        if not (link_delay_ms >= 0.0 and np.isfinite(link_delay_ms)):
+            raise ValueError(f"link_delay_ms = {link_delay_ms!r}: must be finite and >= 0")
+        if not 0.0 <= link_drop < 1.0:
+            raise ValueError(f"link_drop = {link_drop!r}: must be in [0, 1)")
         self._ctx = zmq.Context()
         self._max_frames = max_frames
         # An honest neighbour has at most a few rounds of models in flight; beyond that
@@ -80,6 +173,14 @@ class Transport:
             self.outboxes[peer_id] = self._outbox(addr)
         self._poller = zmq.Poller()
         self._poller.register(self.inbox, zmq.POLLIN)
+        self._faulty = link_delay_ms > 0.0 or link_drop > 0.0
+        self._drop = link_drop
+        self._rng = np.random.default_rng(seed)
+        self._delay = (
+            _DelayLine(link_delay_ms / 1000.0, self._send_now) if link_delay_ms > 0.0 else None
+        )
+        self.link_messages: Counter[int] = Counter()  # send calls per neighbour
+        self.link_dropped: Counter[int] = Counter()  # of which lost on the link (link_drop)
 
     def _outbox(self, addr: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.PUSH)
@@ -88,9 +189,28 @@ class Transport:
         sock.connect(addr)
         return sock
 
-    def send(self, peer_id: int, frames: Sequence[Buffer]) -> bool:
-        """Queue a message for a neighbour; False (dropped) if its queue is full."""
+    def _send_now(self, peer_id: int, frames: Sequence[Buffer]) -> bool:
         return send_nowait(self.outboxes[peer_id], frames)
+
+    def send(self, peer_id: int, frames: Sequence[Buffer]) -> bool:
+        """Queue a message for a neighbour; False (dropped) if its queue is full.
+
+        A message lost or held back by the link faults counts as sent (True): the
+        sender of a real network cannot tell either. A delayed message that finds the
+        neighbour's queue full when it falls due is logged (`send_dropped`) instead.
+        """
+        if peer_id not in self.outboxes:
+            raise KeyError(peer_id)
+        if not self._faulty:
+            return self._send_now(peer_id, frames)
+        self.link_messages[peer_id] += 1
+        if self._drop > 0.0 and self._rng.random() < self._drop:
+            self.link_dropped[peer_id] += 1
+            return True
+        if self._delay is not None:
+            self._delay.put(peer_id, frames)
+            return True
+        return self._send_now(peer_id, frames)
 
     def recv(self, timeout_s: float) -> list[Buffer] | None:
         """The next message's frames, or None if none arrives within `timeout_s`.
@@ -107,9 +227,23 @@ class Transport:
         self.outboxes[peer_id] = self._outbox(addr)
 
     def close(self) -> None:
-        """Flush (bounded by LINGER_MS) and close every socket."""
+        """Flush (bounded by LINGER_MS, delayed messages included) and close every socket."""
+        linger: int | None = None  # the sockets' own LINGER_MS
+        if self._delay is not None:
+            deadline = time.monotonic() + LINGER_MS / 1000.0
+            self._delay.close(deadline)
+            linger = max(0, int((deadline - time.monotonic()) * 1000))
+        if self._faulty:
+            log.debug(
+                "link_dropped",
+                dropped=sum(self.link_dropped.values()),
+                messages=sum(self.link_messages.values()),
+                per_neighbour={str(j): self.link_dropped[j] for j in sorted(self.link_messages)},
+                queue_full=sum(self._delay.queue_full.values()) if self._delay else 0,
+                unsent_on_close=self._delay.unsent if self._delay else 0,
+            )
         for sock in self.outboxes.values():
-            sock.close()
+            sock.close(linger=linger)
         self.inbox.close()
         self._ctx.term()
 
