@@ -208,6 +208,19 @@ def _unpack_header(frame: Buffer) -> dict[str, Any]:
     return header
 
 
+def _show(value: Any) -> str:
+    """A short, safe rendering of an untrusted value for an error message.
+
+    Never `repr` a whole container from the network: msgpack allows nesting ~1000 deep,
+    and repr of that raises RecursionError (and of a big one costs time and log space).
+    """
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str | bytes):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return f"<a {type(value).__name__}>"
+
+
 def is_int(value: Any) -> TypeGuard[int]:
     """An int that is not a bool (msgpack and JSON both blur the two)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -217,15 +230,15 @@ def _check_header(h: dict[str, Any], expect: Expect) -> None:
     if set(h) != _HEADER_KEYS:
         raise WireError(f"header keys {sorted(map(str, h))} are not {sorted(_HEADER_KEYS)}")
     if not is_int(h["v"]) or h["v"] != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {h['v']!r} is not {PROTOCOL_VERSION}")
+        raise WireError(f"protocol version {_show(h['v'])} is not {PROTOCOL_VERSION}")
     if h["scenario"] != expect.scenario:
-        raise WireError(f"scenario hash {h['scenario']!r} is not ours")
+        raise WireError(f"scenario hash {_show(h['scenario'])} is not ours")
     if not isinstance(h["type"], str) or h["type"] not in MESSAGE_TYPES:
-        raise WireError(f"unknown message type {h['type']!r}")
+        raise WireError(f"unknown message type {_show(h['type'])}")
     if not is_int(h["sender"]) or not 0 <= h["sender"] <= expect.max_sender:
-        raise WireError(f"sender {h['sender']!r} is not a peer id in 0..{expect.max_sender}")
+        raise WireError(f"sender {_show(h['sender'])} is not a peer id in 0..{expect.max_sender}")
     if not is_int(h["round"]) or not 0 <= h["round"] <= MAX_ROUND:
-        raise WireError(f"round {h['round']!r} is not a non-negative int")
+        raise WireError(f"round {_show(h['round'])} is not a non-negative int")
     if not isinstance(h["meta"], dict):
         raise WireError("meta is not a map")
     if not isinstance(h["arrays"], list) or len(h["arrays"]) > MAX_ARRAYS:
@@ -237,9 +250,9 @@ def _check_descriptor(d: Any, expect: Expect) -> tuple[str, np.dtype, tuple[int,
         raise WireError("array descriptor is not {name, dtype, shape, frames}")
     name, dtype, shape, nframes = d["name"], d["dtype"], d["shape"], d["frames"]
     if not isinstance(name, str) or name not in expect.shapes:
-        raise WireError(f"unexpected array {name!r}")
+        raise WireError(f"unexpected array {_show(name)}")
     if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-        raise WireError(f"dtype {dtype!r} of {name!r} is not one of {sorted(ALLOWED_DTYPES)}")
+        raise WireError(f"dtype {_show(dtype)} of {name!r} is not one of {sorted(ALLOWED_DTYPES)}")
     if not isinstance(shape, list) or not all(is_int(x) for x in shape):
         raise WireError(f"shape of {name!r} is not a list of ints")
     if tuple(shape) != tuple(expect.shapes[name]):
@@ -247,7 +260,7 @@ def _check_descriptor(d: Any, expect: Expect) -> tuple[str, np.dtype, tuple[int,
             f"shape {shape} of {name!r} does not match the model {list(expect.shapes[name])}"
         )
     if not is_int(nframes) or nframes < 1:
-        raise WireError(f"frame count {nframes!r} of {name!r} is not a positive int")
+        raise WireError(f"frame count {_show(nframes)} of {name!r} is not a positive int")
     return name, np.dtype(dtype), tuple(shape), nframes
 
 
@@ -308,11 +321,16 @@ def decode(frames: Sequence[Buffer], expect: Expect) -> Message:
     if len(frames) > expect.max_frames:
         raise WireError(f"{len(frames)} frames, at most {expect.max_frames} expected")
     h = _unpack_header(frames[0])
-    _check_header(h, expect)
+    try:
+        _check_header(h, expect)
+    except RecursionError:  # a last line of defence: the checks never recurse on purpose
+        raise WireError("header nested too deeply to check") from None
     try:
         arrays = _arrays(frames, h["arrays"], expect)
     except WireError as exc:
         raise WireError(str(exc), h["sender"], h["round"]) from None
+    except RecursionError:
+        raise WireError("array descriptors nested too deeply to check") from None
     return Message(
         type=h["type"], sender=h["sender"], round=h["round"], meta=h["meta"], arrays=arrays
     )

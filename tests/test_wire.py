@@ -447,3 +447,30 @@ def test_decode_mutated_headers_only_raises_wire_error(header, body):
     for name, array in msg.arrays.items():
         assert array.shape == EXPECT.shapes[name]
         assert np.isfinite(array).all()
+
+
+@pytest.mark.parametrize("field", ["v", "type", "scenario", "sender", "round"])
+def test_deeply_nested_header_values_are_refused_not_crashed_on(field):
+    """A value nested ~1000 deep (msgpack allows it) is a WireError, never a RecursionError."""
+    deep: object = None
+    for _ in range(1000):
+        deep = [deep]
+    h = {"v": 1, "type": "model", "sender": 0, "round": 0, "scenario": "s", "meta": {}}
+    h["arrays"] = []
+    h[field] = deep
+    with pytest.raises(wire.WireError):
+        wire.decode([msgpack.packb(h)], wire.Expect("s", 3, {}))
+
+
+@pytest.mark.parametrize("key", ["name", "dtype", "frames"])
+def test_deeply_nested_descriptor_values_are_refused(key):
+    """The same for an array descriptor's fields."""
+    deep: object = None
+    for _ in range(1000):
+        deep = [deep]
+    d = {"name": "params", "dtype": "float32", "shape": [2], "frames": 1}
+    d[key] = deep
+    h = {"v": 1, "type": "model", "sender": 0, "round": 0, "scenario": "s", "meta": {}}
+    h["arrays"] = [d]
+    with pytest.raises(wire.WireError):
+        wire.decode([msgpack.packb(h), bytes(8)], wire.Expect("s", 3, {"params": (2,)}))
