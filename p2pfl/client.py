@@ -186,15 +186,17 @@ class FedClient:
         self.cpu0 = time.process_time()
         self.recorded = round_
 
-    def _adopt(self, msg: wire.Message, state: TrainState) -> tuple[TrainState, np.ndarray]:
-        """Take the global model a message carries: the model after round `msg.round - 1`.
+    def _adopt(
+        self, done: int, model: wire.Chunked, state: TrainState
+    ) -> tuple[TrainState, np.ndarray]:
+        """Take the global model after round `done` (start_round of round `done + 1`
+        carries it, and end_session the final one).
 
         Its round gets a history line evaluated on it. A round this peer trained in whose
         global model it never received (it was not sampled in the next round) gets its
         line first, evaluated on the update the peer sent: the best model it had then.
         """
-        done = msg.round - 1
-        params = np.asarray(msg.arrays["params"])
+        params = np.asarray(model)
         mine = self.trained
         if mine is not None and self.recorded < mine.round < done:
             self.received -= self.last_size  # the model that just came belongs to `done`
@@ -224,7 +226,6 @@ class FedClient:
     def run(self) -> None:
         """Join, train whenever sampled, and finish with the final global model."""
         state = self.local.state
-        self.cpu0 = 0.0
         self._record(0, state.params, "initial", None)
         # Compile before saying hello: a sampled peer's first round must not spend the
         # round's deadline compiling (the gossip loop allows round 1 extra time instead).
@@ -242,14 +243,13 @@ class FedClient:
             structlog.contextvars.bind_contextvars(round=msg.round)
             if (crash := self.s.crash_round(self.id)) is not None and msg.round >= crash:
                 die(self.log)
-            state, _ = self._adopt(msg, state)
+            state, _ = self._adopt(msg.round - 1, msg.arrays["params"], state)
             state = self._train(msg.round, state)
         structlog.contextvars.unbind_contextvars("round")
         error = msg.meta.get("error")
         if error is not None or "params" not in msg.arrays:
             raise self._lost(f"the coordinator ended the session: {error or 'no final model'}")
-        # end_session carries the model after the last round: the line for that round
-        state, params = self._adopt(_next_round(msg), state)
+        state, params = self._adopt(msg.round, msg.arrays["params"], state)
         save_model(self.out_dir / "models" / f"peer-{self.id}.npz", params)
         self._send("bye", msg.round, {})
         self.log.info("peer_finished", rounds=msg.round)
@@ -258,11 +258,6 @@ class FedClient:
         """Flush the bye and release the sockets and the history file."""
         self.link.close()
         self.history.close()
-
-
-def _next_round(msg: wire.Message) -> wire.Message:
-    """end_session of round R read as if it started round R + 1 (it carries model R)."""
-    return wire.Message(msg.type, msg.sender, msg.round + 1, msg.meta, msg.arrays)
 
 
 def run_client(scenario: Scenario, peer_id: int, out_dir: Path) -> None:

@@ -126,20 +126,27 @@ class GossipPeer:
             if exc.sender in self.misses and current <= claimed <= current + MAX_ROUNDS_AHEAD:
                 self.inbox.refuse(claimed, exc.sender)
             return
-        if msg.type != "model":
-            self._drop(f"unexpected message type {msg.type!r} in gossip mode", sender=msg.sender)
-        elif msg.sender not in self.misses:
-            self._drop("sender is not a neighbour", sender=msg.sender)
-        elif "params" not in msg.arrays:
-            self._drop("model message without params", sender=msg.sender)
+        if (problem := self._not_a_model(msg)) is not None:
+            self._drop(problem, sender=msg.sender)
         elif msg.round > current + MAX_ROUNDS_AHEAD:
             self._drop("round too far ahead", sender=msg.sender, msg_round=msg.round)
-        elif not (wire.is_int(d := msg.meta.get("degree")) and 1 <= d < self.s.peers):
-            self._drop("meta.degree missing or out of range", sender=msg.sender)
         elif msg.round < current:
             self.log.debug("stale_model", sender=msg.sender, msg_round=msg.round)
-        elif not self.inbox.put(msg.round, msg.sender, msg.arrays["params"], d):
+        elif not self.inbox.put(msg.round, msg.sender, msg.arrays["params"], msg.meta["degree"]):
             self._drop("duplicate model for this round", sender=msg.sender, msg_round=msg.round)
+
+    def _not_a_model(self, msg: wire.Message) -> str | None:
+        """Why a decoded message is not a neighbour's usable model (None if it is one)."""
+        degree = msg.meta.get("degree")
+        if msg.type != "model":
+            return f"unexpected message type {msg.type!r} in gossip mode"
+        if msg.sender not in self.misses:
+            return "sender is not a neighbour"
+        if "params" not in msg.arrays:
+            return "model message without params"
+        if not (wire.is_int(degree) and 1 <= degree < self.s.peers):
+            return "meta.degree missing or out of range"
+        return None
 
     def _gather(self, round_: int, deadline: float) -> tuple[int, float]:
         """Receive until every expected neighbour's round model is in or the deadline passes.
@@ -371,14 +378,10 @@ class GossipPeer:
             except wire.WireError as exc:
                 self._drop(str(exc))
                 continue
-            degree = msg.meta.get("degree")
-            if msg.type != "model" or msg.sender not in self.misses or "params" not in msg.arrays:
-                self._drop("not a neighbour's model", sender=msg.sender)
+            if (problem := self._not_a_model(msg)) is not None:
+                self._drop(problem, sender=msg.sender)
                 continue
-            if not (wire.is_int(degree) and 1 <= degree < self.s.peers):
-                self._drop("meta.degree missing or out of range", sender=msg.sender)
-                continue
-            seen.setdefault(msg.round, {})[msg.sender] = (msg.arrays["params"], degree)
+            seen.setdefault(msg.round, {})[msg.sender] = (msg.arrays["params"], msg.meta["degree"])
             if len(seen[msg.round]) == self.degree:
                 break  # one round with every neighbour's model: new enough
         if not seen or max(seen) <= last:
