@@ -4,8 +4,15 @@ Round r: train locally, send the model to every neighbour, wait (poll with a
 deadline, never sleep) for the neighbours' round-r models, mix them with
 Metropolis–Hastings weights computed from the degrees they carry, evaluate, record.
 A neighbour that misses the deadline is left out of that round (its weight stays with
-this peer); one silent for `gone_after_rounds` rounds is no longer waited for, and is
-taken back as soon as it is heard again.
+this peer).
+
+Liveness: any message from a neighbour is a sign of life, and a `Ticker` thread sends a
+small heartbeat (carrying this peer's round) to each neighbour it heard from and sent
+nothing to for `gossip.heartbeat_s`, even while this peer trains or straggles. A
+neighbour silent for `gossip.peer_timeout_s` is declared gone and no longer waited for
+(even in the middle of a round's wait); it is taken back as soon as it speaks again.
+A heartbeat from a neighbour already past this round also ends the wait for its model:
+that model was lost on the way.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import numpy as np
 import structlog
 
 from p2pfl import checkpoint, wire
-from p2pfl.faults import die, poison
+from p2pfl.faults import die, dissensus, dissensus_gains, poison
 from p2pfl.gossip import mix
 from p2pfl.history import HistoryWriter, RoundRecord, save_model
 from p2pfl.learning.local import Local, build, evaluate
@@ -26,7 +33,7 @@ from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
 from p2pfl.robust import gossip_aggregate
 from p2pfl.scenario import Scenario, check_tcp
 from p2pfl.topology import build_graph, local_weights
-from p2pfl.transport import Link, Transport
+from p2pfl.transport import Link, Ticker, Transport
 
 MAX_ROUNDS_AHEAD = 2  # models for rounds further ahead than this are dropped
 MAX_DRAIN = 256  # messages read without waiting per round: a flood cannot stall the loop
@@ -39,6 +46,7 @@ class _Inbox:
 
     models: dict[int, dict[int, tuple[wire.Chunked, int]]] = field(default_factory=dict)
     refused: dict[int, set[int]] = field(default_factory=dict)  # round -> bad-model senders
+    ahead: dict[int, int] = field(default_factory=dict)  # sender -> round its heartbeat named
 
     def put(self, round_: int, sender: int, params: wire.Chunked, degree: int) -> bool:
         slot = self.models.setdefault(round_, {})
@@ -51,11 +59,17 @@ class _Inbox:
         """`sender`'s round model came but was unusable (NaN, short): do not wait for it."""
         self.refused.setdefault(round_, set()).add(sender)
 
+    def passed(self, sender: int, round_: int) -> None:
+        """`sender`'s heartbeat says it is in `round_`: its earlier models were all sent."""
+        self.ahead[sender] = max(round_, self.ahead.get(sender, 0))
+
     def heard(self, round_: int) -> set[int]:
         """Senders not to wait for in `round_`: their model came, was refused, or a later
-        one came (one connection delivers in order, so the earlier one was lost)."""
+        one or a heartbeat from a later round came (one connection delivers in order, so
+        the earlier model was lost)."""
         later = {j for r, slot in self.models.items() if r > round_ for j in slot}
         later |= {j for r, senders in self.refused.items() if r > round_ for j in senders}
+        later |= {j for j, r in self.ahead.items() if r > round_}
         return set(self.models.get(round_, {})) | self.refused.get(round_, set()) | later
 
     def take(self, round_: int) -> dict[int, tuple[wire.Chunked, int]]:
@@ -105,7 +119,24 @@ class GossipPeer:
         self.inbox = _Inbox()
         self.attack = scenario.byzantine(peer_id)
         self.rng = np.random.default_rng([scenario.seed, peer_id, 11])  # the attack's noise
-        self.misses = dict.fromkeys(self.neighbours, 0)
+        # neighbour -> monotonic time last heard; start-up counts as heard until it ends
+        grace = time.monotonic() + scenario.gossip.startup_timeout_s
+        self.last_heard = dict.fromkeys(self.neighbours, grace)
+        self.spoken: set[int] = set()  # neighbours heard at least once: heartbeats go to them
+        self.gone: set[int] = set()
+        self.round = 0  # the round in progress, for the heartbeat thread
+        self.ticker: Ticker | None = None
+        self.last_model: list[wire.Buffer] | None = None  # this round's model, as sent
+        self.round_bytes = 0  # model bytes sent in the round in progress
+        # dissensus attacker: gain per honest neighbour; its own model of the round (the
+        # honest peers' centre, as it sees it); neighbours sent their crafted model
+        self.gains = (
+            dissensus_gains(scenario, graph, peer_id)
+            if self.attack is not None and self.attack.attack == "dissensus"
+            else None
+        )
+        self.centre = np.zeros(0, np.float32)
+        self.served: set[int] = set()
         self.history = HistoryWriter(out_dir / f"peer-{peer_id}.jsonl", append=resume)
         self.checkpoint = checkpoint.path_for(out_dir, peer_id)
         self.t0 = time.perf_counter()
@@ -123,8 +154,15 @@ class GossipPeer:
         except wire.WireError as exc:
             self._drop(str(exc))
             claimed = exc.round if exc.round is not None else -1
-            if exc.sender in self.misses and current <= claimed <= current + MAX_ROUNDS_AHEAD:
+            if exc.sender in self.last_heard and current <= claimed <= current + MAX_ROUNDS_AHEAD:
                 self.inbox.refuse(claimed, exc.sender)
+            return
+        if msg.type == "heartbeat" and msg.round > current + MAX_ROUNDS_AHEAD:
+            self._drop("round too far ahead", sender=msg.sender, msg_round=msg.round)
+            return
+        if self._liveness_message(msg):
+            if msg.type == "heartbeat" and msg.round > current and msg.sender in self.last_heard:
+                self.inbox.passed(msg.sender, msg.round)
             return
         if (problem := self._not_a_model(msg)) is not None:
             self._drop(problem, sender=msg.sender)
@@ -132,15 +170,75 @@ class GossipPeer:
             self._drop("round too far ahead", sender=msg.sender, msg_round=msg.round)
         elif msg.round < current:
             self.log.debug("stale_model", sender=msg.sender, msg_round=msg.round)
-        elif not self.inbox.put(msg.round, msg.sender, msg.arrays["params"], msg.meta["degree"]):
+        elif self.inbox.put(msg.round, msg.sender, msg.arrays["params"], msg.meta["degree"]):
+            if msg.round == current:
+                self._craft(current, msg.sender, msg.arrays["params"])
+        else:
             self._drop("duplicate model for this round", sender=msg.sender, msg_round=msg.round)
+        if msg.sender in self.last_heard:
+            self._heard(msg.sender)
+
+    # -- liveness ----------------------------------------------------------------
+
+    def _heard(self, j: int) -> None:
+        """Neighbour `j` spoke (any checked message): alive, and taken back if it was gone."""
+        self.last_heard[j] = time.monotonic()  # ends the start-up grace too
+        self.spoken.add(j)
+        if j in self.gone:
+            self.gone.discard(j)
+            self.log.info("neighbour_back", neighbour=j)
+            if self.last_model is not None:  # what it missed while down: catch-up material
+                self._send(j, self.last_model)
+
+    def _liveness_message(self, msg: wire.Message) -> bool:
+        """True if `msg` is a heartbeat (a sign of life) or a bye (a neighbour that
+        finished: not waited for, and no alarm); either is handled here."""
+        if msg.type not in ("heartbeat", "bye"):
+            return False
+        j = msg.sender
+        if j not in self.last_heard:
+            self._drop(f"{msg.type} from a peer that is not a neighbour", sender=j)
+        elif msg.type == "heartbeat":
+            self._heard(j)
+        elif j not in self.gone:
+            self.gone.add(j)
+            self.log.info("neighbour_left", neighbour=j, its_round=msg.round)
+        return True
+
+    def _alive(self) -> set[int]:
+        """Neighbours heard within `peer_timeout_s`; those silent longer are declared gone."""
+        now, limit = time.monotonic(), self.s.gossip.peer_timeout_s
+        for j, t in self.last_heard.items():
+            if now - t >= limit and j not in self.gone:
+                self.gone.add(j)
+                self.log.warning("neighbour_gone", neighbour=j, silent_s=round(now - t, 3))
+        return set(self.neighbours) - self.gone
+
+    def _next_silence(self, pending: set[int]) -> float:
+        """Seconds until the first of `pending` would be declared gone."""
+        limit = self.s.gossip.peer_timeout_s
+        return max(0.0, min(self.last_heard[j] for j in pending) + limit - time.monotonic())
+
+    def _send_heartbeats(self) -> None:
+        """Ticker thread: a heartbeat to each live neighbour this peer sent nothing to for
+        `heartbeat_s` (only to neighbours heard once: before that they may not be up, and
+        heartbeats queued for them could push this peer's first model out of the queue)."""
+        to = [
+            j
+            for j in self.transport.idle(self.s.gossip.heartbeat_s)
+            if j in self.spoken and j not in self.gone
+        ]
+        if to:
+            frames = wire.encode("heartbeat", self.id, self.round, self.expect.scenario)
+            for j in to:
+                self.transport.send(j, frames)
 
     def _not_a_model(self, msg: wire.Message) -> str | None:
         """Why a decoded message is not a neighbour's usable model (None if it is one)."""
         degree = msg.meta.get("degree")
         if msg.type != "model":
             return f"unexpected message type {msg.type!r} in gossip mode"
-        if msg.sender not in self.misses:
+        if msg.sender not in self.last_heard:
             return "sender is not a neighbour"
         if "params" not in msg.arrays:
             return "model message without params"
@@ -153,18 +251,27 @@ class GossipPeer:
 
         Whatever is already queued is read too, even when nobody is waited for, so a
         neighbour that was given up on is heard (and taken back) as soon as it speaks.
+        What queued up while this peer trained is read before any silence is judged.
         Returns (bytes received, seconds spent blocked in poll).
         """
-        waiting = {j for j, m in self.misses.items() if m < self.s.gossip.gone_after_rounds}
         received, blocked, drained = 0, 0.0, 0
+        while drained < MAX_DRAIN and (frames := self.transport.recv(0.0)) is not None:
+            drained += 1
+            received += wire.frames_size(frames)
+            self._accept(frames, round_)
+        drained = 0
         while drained < MAX_DRAIN:
-            pending = waiting - self.inbox.heard(round_)
-            remaining = max(0.0, deadline - time.perf_counter()) if pending else 0.0
-            drained += remaining == 0.0
+            pending = self._alive() - self.inbox.heard(round_)
+            left = max(0.0, deadline - time.perf_counter()) if pending else 0.0
+            # wake when one of them would be declared gone, to stop waiting for it
+            wait = min(left, self._next_silence(pending)) if pending else 0.0
+            drained += wait == 0.0
             t = time.perf_counter()
-            frames = self.transport.recv(remaining)
+            frames = self.transport.recv(wait)
             blocked += time.perf_counter() - t
             if frames is None:
+                if wait < left:
+                    continue  # a neighbour's silence ran out: see who is still waited for
                 return received, blocked
             received += wire.frames_size(frames)
             self._accept(frames, round_)
@@ -177,25 +284,38 @@ class GossipPeer:
         test_acc, hold_acc = evaluate(self.local.trainer, params, self.local.data)
         return test_acc, hold_acc, time.perf_counter() - t
 
-    def _broadcast(self, round_: int, own: np.ndarray) -> int:
-        if self.attack is not None:  # a Byzantine peer sends its attack, keeps its model
-            own = poison(self.attack, own, self.rng)
-        frames = wire.encode(
-            "model",
-            self.id,
-            round_,
-            self.expect.scenario,
-            {"degree": self.degree, "samples": int(self.local.data.x_train.shape[0])},
-            {"params": own},
-        )
-        size = wire.frames_size(frames)
-        sent = 0
+    def _model_frames(self, round_: int, params: np.ndarray) -> list[wire.Buffer]:
+        meta = {"degree": self.degree, "samples": int(self.local.data.x_train.shape[0])}
+        return wire.encode("model", self.id, round_, self.expect.scenario, meta, {"params": params})
+
+    def _send(self, j: int, frames: list[wire.Buffer]) -> None:
+        """Queue a model for neighbour `j`, counting its bytes in this round's record."""
+        if self.transport.send(j, frames):
+            self.round_bytes += wire.frames_size(frames)
+        else:
+            self.log.info("send_dropped", to=j, reason="neighbour queue full")
+
+    def _broadcast(self, round_: int, own: np.ndarray) -> None:
+        """This round's model to every neighbour; a Byzantine peer sends its attack and
+        keeps its model. A dissensus attacker sends its colluders its model, and crafts
+        one for each honest neighbour whose model of this round is already in."""
+        sent = own if self.attack is None else poison(self.attack, own, self.rng)
+        frames = self.last_model = self._model_frames(round_, sent)
         for j in self.neighbours:
-            if self.transport.send(j, frames):
-                sent += size
-            else:
-                self.log.info("send_dropped", to=j, reason="neighbour queue full")
-        return sent
+            if self.gains is None or j not in self.gains:
+                self._send(j, frames)
+        if self.gains is not None:
+            self.centre, self.served = own, set()
+            for j, (x, _) in self.inbox.models.get(round_, {}).items():
+                self._craft(round_, j, x)
+
+    def _craft(self, round_: int, j: int, target: wire.Chunked) -> None:
+        """Dissensus: the model for honest neighbour `j`, built from its own (`target`)."""
+        if self.gains is None or j not in self.gains or j in self.served:
+            return
+        x = dissensus(np.asarray(target), self.centre, self.gains[j])
+        self._send(j, self._model_frames(round_, x if np.isfinite(x).all() else self.centre))
+        self.served.add(j)
 
     def _bootstrap(self) -> None:
         """Register with the coordinator and connect to the neighbours it names.
@@ -243,13 +363,15 @@ class GossipPeer:
         if delay := self.s.slow_delay(self.id):
             time.sleep(delay)  # an injected straggler (faults.slow), on purpose
         t = time.perf_counter()
-        sent = self._broadcast(round_, own)
+        self.round_bytes = 0
+        self._broadcast(round_, own)
         timeout = self.s.gossip.round_timeout_s
         if round_ == 1:
             timeout += self.s.gossip.startup_timeout_s
         received, wait_s = self._gather(round_, time.perf_counter() + timeout)
+        for j in set(self.gains or ()) - self.served:  # their model never came: nothing to
+            self._send(j, self.last_model)  # craft from, the plain model instead
         got = self.inbox.take(round_)
-        self._update_liveness(got)
         weights = local_weights(
             self.s.gossip.mixing, self.degree, {j: g[1] for j, g in got.items()}
         )
@@ -271,7 +393,7 @@ class GossipPeer:
                 train_loss=float(loss),
                 test_accuracy=test_acc,
                 holdout_accuracy=hold_acc,
-                bytes_sent=sent,
+                bytes_sent=self.round_bytes,
                 bytes_received=received,
                 train_s=train_s,
                 eval_s=eval_s,
@@ -308,22 +430,11 @@ class GossipPeer:
                 trim=g.trim,
                 tau=None if g.clip_tau == "adaptive" else g.clip_tau,
                 clip_fraction=g.clip_fraction,
+                clip_drop=g.clip_drop,
             )
         except ValueError as exc:  # e.g. clipping would overflow float32
             self.log.error("aggregation_failed", reason=str(exc), kept="own model")
             return own
-
-    def _update_liveness(self, got: dict[int, tuple[wire.Chunked, int]]) -> None:
-        limit = self.s.gossip.gone_after_rounds
-        for j in self.neighbours:
-            if j in got:
-                if self.misses[j] >= limit:
-                    self.log.info("neighbour_back", neighbour=j)
-                self.misses[j] = 0
-            else:
-                self.misses[j] += 1
-                if self.misses[j] == limit:
-                    self.log.warning("neighbour_gone", neighbour=j, silent_rounds=limit)
 
     def _record_initial(self, state: TrainState) -> None:
         test_acc, hold_acc, eval_s = self._evaluate(state.params)
@@ -361,42 +472,58 @@ class GossipPeer:
         return self.local.state, 0
 
     def _catch_up(self, state: TrainState, last: int) -> tuple[TrainState, int]:
-        """After a restart: listen (up to one round timeout) for the neighbours' models,
-        adopt the mean of the newest round's and go on from the round after it.
+        """After a restart: say so with a heartbeat, collect each neighbour's newest model,
+        adopt their mean and go on from the round after the newest of them.
 
-        The neighbours gave up waiting for this peer long ago; they take it back as soon
-        as its models arrive in time for their rounds again.
+        The neighbours gave up waiting for this peer long ago; the heartbeat makes them
+        take it back, so each stops at its current round to wait for this peer, having
+        sent that round's model here. Listening ends once every neighbour's model is in
+        and none newer came for `heartbeat_s`, or after `round_timeout_s`. A neighbour
+        left in an earlier round stops waiting as soon as this peer's next model arrives.
         """
-        seen: dict[int, dict[int, tuple[wire.Chunked, int]]] = {}
-        deadline = time.monotonic() + self.s.gossip.round_timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            frames = self.transport.recv(remaining)
+        back = wire.encode("heartbeat", self.id, last, self.expect.scenario)
+        for j in self.neighbours:
+            self.transport.send(j, back)
+        g = self.s.gossip
+        newest: dict[int, tuple[int, wire.Chunked]] = {}  # neighbour -> (round, model)
+        deadline = time.monotonic() + g.round_timeout_s
+        quiet_from = deadline  # when the last newer model came
+        while (now := time.monotonic()) < deadline:
+            wait = deadline - now
+            if len(newest) == self.degree:
+                wait = min(wait, quiet_from + g.heartbeat_s - now)
+                if wait <= 0:
+                    break
+            frames = self.transport.recv(wait)
             if frames is None:
-                break
+                continue
             try:
                 msg = wire.decode(frames, self.expect)
             except wire.WireError as exc:
                 self._drop(str(exc))
                 continue
+            if self._liveness_message(msg):
+                continue
             if (problem := self._not_a_model(msg)) is not None:
                 self._drop(problem, sender=msg.sender)
                 continue
-            seen.setdefault(msg.round, {})[msg.sender] = (msg.arrays["params"], msg.meta["degree"])
-            if len(seen[msg.round]) == self.degree:
-                break  # one round with every neighbour's model: new enough
-        if not seen or max(seen) <= last:
+            self._heard(msg.sender)
+            if msg.round > max(last, newest.get(msg.sender, (-1, None))[0]):
+                newest[msg.sender] = (msg.round, msg.arrays["params"])
+                quiet_from = time.monotonic()
+        to_round = max((r for r, _ in newest.values()), default=last)
+        if to_round == last:
             self.log.info("catch_up_found_nobody", continuing_from=last + 1)
             return state, last
-        newest = max(seen)
-        models = [np.asarray(x) for x, _ in seen[newest].values()]
+        models = [np.asarray(x) for _, x in newest.values()]
         params = np.mean(np.stack(models).astype(np.float64), axis=0).astype(np.float32)
-        for r in (newest + 1, newest + 2):  # already here: keep them for those rounds
-            for j, (x, d) in seen.get(r, {}).items():
-                self.inbox.put(r, j, x, d)
         self.log.info(
-            "caught_up", from_round=last, to_round=newest, neighbours=sorted(seen[newest])
+            "caught_up",
+            from_round=last,
+            to_round=to_round,
+            neighbours={str(j): r for j, (r, _) in sorted(newest.items())},
         )
-        return self.local.trainer.with_params(state, params), newest
+        return self.local.trainer.with_params(state, params), to_round
 
     def run(self) -> None:
         """Every round of the scenario, then the final model to `models/peer-<id>.npz`.
@@ -407,6 +534,8 @@ class GossipPeer:
         state, last = self._restore()
         if self.s.coordinator.bootstrap:
             self._bootstrap()
+        self.round = last
+        self.ticker = Ticker(self.s.gossip.heartbeat_s, self._send_heartbeats)
         if last > 0:
             state, last = self._catch_up(state, last)
         self.log.info(
@@ -414,19 +543,26 @@ class GossipPeer:
         )
         crash = None if self.resume else self.s.crash_round(self.id)
         for r in range(last + 1, self.s.training.rounds + 1):
+            self.round = r
             structlog.contextvars.bind_contextvars(round=r)
             if r == crash:
                 die(self.log)
             state = self._round(r, state)
             checkpoint.save(self.checkpoint, state, r)
         structlog.contextvars.unbind_contextvars("round")
+        self.ticker.stop()
+        bye = wire.encode("bye", self.id, self.s.training.rounds, self.expect.scenario)
+        for j in self.neighbours:  # they stop waiting for this peer without an alarm
+            self.transport.send(j, bye)
         save_model(self.out_dir / "models" / f"peer-{self.id}.npz", as_numpy(state.params))
         if self.link is not None:  # best effort: the coordinator may be long gone
             self.link.send(wire.encode("bye", self.id, 0, self.expect.scenario))
         self.log.info("peer_finished", rounds=self.s.training.rounds)
 
     def close(self) -> None:
-        """Flush the last sends and release the sockets and the history file."""
+        """Stop the heartbeats, flush the last sends, release the sockets and the history."""
+        if self.ticker is not None:
+            self.ticker.stop()
         self.transport.close()
         if self.link is not None:
             self.link.close()

@@ -84,11 +84,18 @@ def krum(models: np.ndarray, f: int, m: int = 1) -> np.ndarray:
 
 
 def self_centred_clip(
-    own: np.ndarray, received: np.ndarray, weights: np.ndarray, tau: float
+    own: np.ndarray,
+    received: np.ndarray,
+    weights: np.ndarray,
+    tau: float,
+    drop: float | None = None,
 ) -> np.ndarray:
     """x_i + sum_j w_ij clip(x_j - x_i, tau), with clip(v, tau) = v min(1, tau / ||v||_2).
 
     ClippedGossip of He, Karimireddy & Jaggi 2022: no neighbour pulls by more than w_ij tau.
+    With `drop`, a neighbour farther than drop * tau does not pull at all (its weight
+    stays with x_i): an outlier that clipping would still let push by tau every round,
+    always the same way, is left out instead.
     """
     x = np.asarray(own)
     if x.ndim != 1:
@@ -105,6 +112,10 @@ def self_centred_clip(
     norms = np.linalg.norm(diff, axis=1)
     with np.errstate(divide="ignore"):  # a zero norm is never above tau: scale 1 there
         scale = np.where(norms > tau, tau / norms, 1.0)
+    if drop is not None:
+        if not drop >= 1.0:
+            raise ValueError(f"drop must be a number >= 1, got {drop!r}")
+        scale = np.where(norms > drop * tau, 0.0, scale)
     with np.errstate(over="ignore"):  # reported below, as a ValueError
         out = (base + (w * scale) @ diff).astype(np.float32)
     if not np.isfinite(out).all():
@@ -151,6 +162,7 @@ def gossip_aggregate(
     trim: int,
     tau: float | None,
     clip_fraction: float = 0.2,
+    clip_drop: float | None = None,
 ) -> np.ndarray:
     """A gossip peer's robust step over its own model and the `[k, d]` ones it received.
 
@@ -165,7 +177,7 @@ def gossip_aggregate(
     if name == "clipping":
         if tau is None:
             tau = adaptive_tau(own, received, weights, clip_fraction)
-        return self_centred_clip(own, received, weights, tau)
+        return self_centred_clip(own, received, weights, tau, clip_drop)
     x, r = np.asarray(own), np.asarray(received)
     if x.ndim != 1 or r.ndim != 2 or r.shape[1] != x.shape[0]:
         raise ValueError(f"own must be [d] and received [k, d], got {x.shape} and {r.shape}")
@@ -182,7 +194,10 @@ def server_aggregate(
     """The server's step over the `[n, d]` updates of a round.
 
     "mean" is FedAvg (weights normalised); the robust rules are unweighted, with trim and
-    f reduced to what n allows. Krum needs n >= 3: below that, the median (= the mean).
+    f reduced to what n allows. "krum" is multi-Krum with m = n - f: the mean of the n - f
+    best-scored updates. Krum proper (m = 1) kept one honest peer's update a round, the
+    same peer's each time, and ended ~3 points below FedAvg with or without an attack.
+    Krum needs n >= 3: below that, the median (= the mean).
     """
     if name not in SERVER_AGGREGATORS:
         raise _unknown("server", name, SERVER_AGGREGATORS)
@@ -201,4 +216,5 @@ def server_aggregate(
         return coordinate_median(x)
     if name == "trimmed_mean":
         return trimmed_mean(x, _fit_trim(trim, n))
-    return krum(x, max(0, min(_count(f, "f"), (n - 3) // 2)))
+    f = max(0, min(_count(f, "f"), (n - 3) // 2))
+    return krum(x, f, m=n - f)

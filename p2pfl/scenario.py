@@ -117,7 +117,8 @@ class Gossip(_Section):
     mixing: Literal["metropolis", "uniform"] = "metropolis"
     round_timeout_s: float = Field(10.0, gt=0.0)
     startup_timeout_s: float = Field(60.0, gt=0.0)
-    gone_after_rounds: int = Field(3, ge=1)
+    heartbeat_s: float = Field(0.5, gt=0.0, le=60.0)  # a neighbour sent nothing this long
+    peer_timeout_s: float = Field(5.0, gt=0.0)  # a neighbour silent this long is gone
     # mean: Metropolis mixing; median / trimmed_mean: coordinate-wise over the
     # peer's own and its neighbours' models; clipping: self-centred clipping (tau)
     aggregator: Literal["mean", "median", "trimmed_mean", "clipping"] = "mean"
@@ -126,6 +127,8 @@ class Gossip(_Section):
     # farthest neighbours holding at most clip_fraction of the mixing weight
     clip_tau: Annotated[float, Field(gt=0.0)] | Literal["adaptive"] = 1.0
     clip_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    # clipping: a neighbour farther than clip_drop * tau is left out, not clipped
+    clip_drop: float | None = Field(None, ge=1.0)
 
 
 class Centralized(_Section):
@@ -166,7 +169,7 @@ class Slow(_Section):
     delay_s: float = Field(gt=0.0, le=3600.0)
 
 
-Attack = Literal["sign_flip", "scale", "gaussian", "nan", "label_flip"]
+Attack = Literal["sign_flip", "scale", "gaussian", "nan", "label_flip", "dissensus"]
 
 
 class Byzantine(_Section):
@@ -176,6 +179,8 @@ class Byzantine(_Section):
     attack: Attack
     factor: float = Field(-4.0, ge=-1e6, le=1e6)  # scale: it sends factor * its model
     sigma: float = Field(1.0, gt=0.0, le=1e6)  # gaussian: noise added to its model
+    # dissensus: 1 cancels its honest neighbours' gossip step, more pushes them apart
+    epsilon: float = Field(1.0, gt=0.0, le=1e6)
 
 
 class Crash(_Section):
@@ -402,6 +407,12 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
     if s.data.dataset == "npz":
         _check_npz(s, range(n) if peer is None else [peer])
     _check_pool(s)
+    if s.gossip.heartbeat_s * 2 > s.gossip.peer_timeout_s:
+        raise ScenarioError(
+            f"gossip.heartbeat_s = {s.gossip.heartbeat_s}: must be at most half of "
+            f"gossip.peer_timeout_s = {s.gossip.peer_timeout_s}, or a live neighbour "
+            "could be declared gone between two heartbeats"
+        )
     _check_coordinator(s)
     if s.data.holdout is not None and not s.resolve(s.data.holdout).is_file():
         raise ScenarioError(f"data.holdout = {s.data.holdout!r}: file does not exist")
@@ -476,6 +487,11 @@ def _check_coordinator(s: Scenario) -> None:
                 raise ScenarioError(f"faults.{kind}: peer = {i} is not a peer id in 0..{n - 1}")
         if len(set(ids)) != len(ids):
             raise ScenarioError(f"faults.{kind}: a peer is listed twice")
+    if s.mode == "centralized" and any(f.attack == "dissensus" for f in s.faults.byzantine):
+        raise ScenarioError(
+            "faults.byzantine: attack = 'dissensus' needs gossip neighbours to pull apart; "
+            "it has no meaning in mode = 'centralized'"
+        )
     if c.min_peers is not None and c.min_peers > n:
         raise ScenarioError(
             f"centralized.min_peers = {c.min_peers}: more than the {n} peers of the scenario"

@@ -11,6 +11,29 @@ end_session / heartbeat / bye, the talk's Socket.IO events; a separate update ch
 (PULL bound by the coordinator, PUSH from each peer) carries model updates, the role
 the talk's Kafka topic played. This module knows frames, not models.
 
+Liveness (gossip): a `Ticker` thread lets the peer send a small heartbeat to each
+neighbour it has sent nothing to for `gossip.heartbeat_s`, on the same PUSH sockets as
+the models (any message counts as a sign of life). Sends from that thread, the delay
+line and the round loop are serialised by one lock: ZeroMQ sockets may change threads
+only behind a full memory barrier.
+
+Socket options, chosen so a dead peer neither blocks nor floods its neighbours:
+- every send is NOBLOCK and each outbox holds at most `SEND_HWM` messages: a send to
+  a dead neighbour is queued (start-up order does not matter) until that bound, then
+  dropped. A returning peer therefore receives at most `SEND_HWM` stale messages per
+  neighbour, which it drops by round number;
+- reconnects back off from `RECONNECT_IVL_MS` to `RECONNECT_IVL_MAX_MS`: a dead peer
+  costs each neighbour one connection attempt every 2 s, a returning one is reconnected
+  within 2 s;
+- TCP keepalive finds a connection whose host vanished without closing it (a pulled
+  cable), so ZeroMQ reconnects instead of queueing into it. ZMTP heartbeats are not
+  used: a peer busy training stops reading its socket, and they would cut its
+  connections (losing what the kernel buffered);
+- inbound sockets cap frame size (`MAXMSGSIZE`) and queue (`RCVHWM`); LINGER is 0 on
+  them and `LINGER_MS` on outboxes, so close flushes the last round's models, bounded;
+- the coordinator's ROUTER is `ROUTER_MANDATORY`: a reply to a peer whose connection is
+  gone fails at once (counted as dropped) instead of vanishing.
+
 Link faults (`[faults] link_delay_ms`, `link_drop`, gossip only): `Transport` can lose
 each message to a neighbour with a seeded probability, and hold each one back for a
 fixed delay before it is queued, as a slow or lossy network would. Delayed messages
@@ -39,6 +62,9 @@ SEND_HWM = 4  # messages queued per neighbour before sends are dropped
 LINGER_MS = 2000  # on close, time allowed to flush the last round's models
 RECV_HWM = 16  # messages ZeroMQ queues per connection before it stops reading from it
 MAX_RECV_FRAME = 2 * MAX_FRAME_BYTES  # ZMQ drops the connection of a sender above this
+RECONNECT_IVL_MS = 100  # first retry after a lost connection ...
+RECONNECT_IVL_MAX_MS = 2000  # ... doubling up to this
+KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT = 10, 5, 3  # a vanished host: ~25 s
 log = structlog.get_logger()
 
 
@@ -64,6 +90,46 @@ def send_nowait(sock: zmq.Socket, frames: Sequence[Buffer]) -> bool:
     except (zmq.Again, zmq.ZMQError):  # ZMQError: EHOSTUNREACH from a ROUTER_MANDATORY socket
         return False
     return True
+
+
+def _outbound(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
+    """Send-side options every connecting socket gets (see the module docstring)."""
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT)
+    return sock
+
+
+class Ticker:
+    """Calls `tick()` every `interval_s` from one daemon thread until `stop` (heartbeats).
+
+    An exception in `tick` is logged and the ticking goes on: liveness must not die
+    with one bad call.
+    """
+
+    def __init__(self, interval_s: float, tick: Callable[[], None]) -> None:
+        self._interval_s = interval_s
+        self._tick = tick
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="p2pfl-ticker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                self._tick()
+            except Exception:  # logged, and the next tick tries again
+                log.exception("tick_failed")
+
+    def stop(self) -> None:
+        """Stop ticking and wait for a tick in progress to finish."""
+        self._stopped.set()
+        self._thread.join()
 
 
 def _inbound(sock: zmq.Socket) -> zmq.Socket:
@@ -173,6 +239,7 @@ class Transport:
             self.outboxes[peer_id] = self._outbox(addr)
         self._poller = zmq.Poller()
         self._poller.register(self.inbox, zmq.POLLIN)
+        self._lock = threading.Lock()  # one sender at a time: round loop, ticker, delay line
         self._faulty = link_delay_ms > 0.0 or link_drop > 0.0
         self._drop = link_drop
         self._rng = np.random.default_rng(seed)
@@ -181,16 +248,17 @@ class Transport:
         )
         self.link_messages: Counter[int] = Counter()  # send calls per neighbour
         self.link_dropped: Counter[int] = Counter()  # of which lost on the link (link_drop)
+        self.last_sent: dict[int, float] = {}  # neighbour -> monotonic time of the last send
 
     def _outbox(self, addr: str) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock = _outbound(self._ctx.socket(zmq.PUSH), LINGER_MS)
         sock.connect(addr)
         return sock
 
     def _send_now(self, peer_id: int, frames: Sequence[Buffer]) -> bool:
-        return send_nowait(self.outboxes[peer_id], frames)
+        """The delay line's send: under the lock, like every other."""
+        with self._lock:
+            return send_nowait(self.outboxes[peer_id], frames)
 
     def send(self, peer_id: int, frames: Sequence[Buffer]) -> bool:
         """Queue a message for a neighbour; False (dropped) if its queue is full.
@@ -198,19 +266,28 @@ class Transport:
         A message lost or held back by the link faults counts as sent (True): the
         sender of a real network cannot tell either. A delayed message that finds the
         neighbour's queue full when it falls due is logged (`send_dropped`) instead.
+        Safe to call from any thread.
         """
-        if peer_id not in self.outboxes:
-            raise KeyError(peer_id)
-        if not self._faulty:
-            return self._send_now(peer_id, frames)
-        self.link_messages[peer_id] += 1
-        if self._drop > 0.0 and self._rng.random() < self._drop:
-            self.link_dropped[peer_id] += 1
-            return True
-        if self._delay is not None:
-            self._delay.put(peer_id, frames)
-            return True
-        return self._send_now(peer_id, frames)
+        with self._lock:
+            if peer_id not in self.outboxes:
+                raise KeyError(peer_id)
+            self.last_sent[peer_id] = time.monotonic()
+            if not self._faulty:
+                return send_nowait(self.outboxes[peer_id], frames)
+            self.link_messages[peer_id] += 1
+            if self._drop > 0.0 and self._rng.random() < self._drop:
+                self.link_dropped[peer_id] += 1
+                return True
+            if self._delay is not None:
+                self._delay.put(peer_id, frames)
+                return True
+            return send_nowait(self.outboxes[peer_id], frames)
+
+    def idle(self, since_s: float) -> list[int]:
+        """The neighbours nothing was sent to for at least `since_s` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            return [j for j in self.outboxes if now - self.last_sent.get(j, 0.0) >= since_s]
 
     def recv(self, timeout_s: float) -> list[Buffer] | None:
         """The next message's frames, or None if none arrives within `timeout_s`.
@@ -224,7 +301,8 @@ class Transport:
 
     def connect(self, peer_id: int, addr: str) -> None:
         """Add an outbox to a neighbour learnt after start-up (from the bootstrap)."""
-        self.outboxes[peer_id] = self._outbox(addr)
+        with self._lock:
+            self.outboxes[peer_id] = self._outbox(addr)
 
     def close(self) -> None:
         """Flush (bounded by LINGER_MS, delayed messages included) and close every socket."""
@@ -254,18 +332,14 @@ class Link:
     def __init__(self, control: str, updates: str | None, max_frames: int) -> None:
         self._ctx = zmq.Context()
         self._max_frames = max_frames
-        self.control = _inbound(self._ctx.socket(zmq.DEALER))
+        self.control = _outbound(_inbound(self._ctx.socket(zmq.DEALER)), CONTROL_LINGER_MS)
         # One routing id for this process's life: after a TCP reconnect the coordinator
         # still knows the peer by it; a restarted peer gets a new one (and says hello).
         self.control.setsockopt(zmq.ROUTING_ID, b"p2pfl-" + secrets.token_hex(8).encode())
-        self.control.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
-        self.control.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.control.connect(control)
         self.updates: zmq.Socket | None = None
         if updates is not None:
-            self.updates = self._ctx.socket(zmq.PUSH)
-            self.updates.setsockopt(zmq.LINGER, LINGER_MS)
-            self.updates.setsockopt(zmq.SNDHWM, SEND_HWM)
+            self.updates = _outbound(self._ctx.socket(zmq.PUSH), LINGER_MS)
             self.updates.connect(updates)
 
     def send(self, frames: Sequence[Buffer]) -> bool:

@@ -220,7 +220,10 @@ def test_fuzzed_messages_at_a_live_peer(make_scenario, launch_run):
     """10,000 fuzzed messages at peer 0 mid-run: each dropped, RSS bounded, the run completes."""
     scenario, s, n = fuzz_scenario(make_scenario, "fuzzpeer")
 
-    def usable(m):  # a neighbour's model the peer could take, or ignore as stale
+    def usable(m):  # a neighbour's model the peer could take, or ignore as stale, or its
+        # heartbeat or bye (taken as a sign of life, or as leaving: unauthenticated)
+        if m.sender in (1, 3) and m.type in ("heartbeat", "bye"):
+            return True
         degree = m.meta.get("degree")
         model = m.type == "model" and m.sender in (1, 3) and "params" in m.arrays
         return model and m.round <= ROUNDS + 2 and wire.is_int(degree) and 0 < degree < 4

@@ -141,7 +141,8 @@ def test_quickstart_over_shaped_lossy_links(lab, procs, tmp_path):
     logs = {i: read_jsonl(out / "logs" / f"peer-{i}.jsonl") for i in range(PEERS)}
     lines = [next(e for e in logs[i] if e["event"] == "link_dropped") for i in range(PEERS)]
     dropped, messages = sum(e["dropped"] for e in lines), sum(e["messages"] for e in lines)
-    assert messages == PEERS * 2 * ROUNDS and 0 < dropped < 0.12 * messages, (dropped, messages)
+    # every model, plus the heartbeats and byes that share the links
+    assert messages >= PEERS * 2 * ROUNDS and 0 < dropped < 0.12 * messages, (dropped, messages)
     rounds_s = np.diff([r["t"] for r in histories[0][1:]])
     assert np.median(rounds_s) >= 0.05, rounds_s
 

@@ -209,6 +209,17 @@ def test_clipping_caps_each_neighbours_pull_at_tau():
     np.testing.assert_allclose(out, [0.5 * 0.6 + 0.05, 0.5 * 0.8], rtol=1e-6)
 
 
+def test_clipping_drops_a_neighbour_beyond_drop_times_tau():
+    """With drop = 2: a neighbour at 500 (> 2 tau) pulls nothing, one at 1.5 is clipped to
+    tau, one at 0.1 is taken whole."""
+    own = np.zeros(2, np.float32)
+    received = np.array([[300.0, 400.0], [1.5, 0.0], [0.0, 0.1]], np.float32)
+    out = self_centred_clip(own, received, np.full(3, 0.25), tau=1.0, drop=2.0)
+    np.testing.assert_allclose(out, [0.25 * 1.0, 0.25 * 0.1], rtol=1e-6)
+    with pytest.raises(ValueError, match="drop must be"):
+        self_centred_clip(own, received, np.full(3, 0.25), tau=1.0, drop=0.5)
+
+
 def test_clipping_with_no_neighbours_returns_own():
     """k = 0: nothing received, the peer keeps its own model, as float32."""
     own = np.array([1.5, -2.0, 3.25], np.float32)
@@ -346,10 +357,10 @@ def test_gossip_median_includes_own_as_one_row():
 
 
 def test_server_krum_shrinks_f_to_fit_and_ignores_an_outlier():
-    """f = 10 with five updates runs as f = 1 and still skips the planted outlier."""
+    """f = 10 with five updates runs as f = 1: the mean of the 4 best, without the outlier."""
     updates = np.array([[0.0], [0.1], [0.2], [0.3], [1e6]], np.float32)
     out = server_aggregate("krum", updates, np.ones(5), trim=0, f=10)
-    assert out[0] in updates[:4, 0]
+    np.testing.assert_allclose(out, [0.15], rtol=1e-6)
 
 
 def test_server_krum_with_two_updates_falls_back_to_the_median():

@@ -104,7 +104,8 @@ def test_killed_peer_does_not_stop_the_others(make_scenario, launch_run):
             "name": "kill",
             "model": {"kind": "logreg"},
             "training": {"rounds": rounds, "local_epochs": 1},
-            "gossip": {"round_timeout_s": 1.0, "gone_after_rounds": 2},
+            # a long round deadline: only the time-based liveness keeps the others going
+            "gossip": {"round_timeout_s": 30.0, "peer_timeout_s": 1.0, "heartbeat_s": 0.25},
         }
     )
     run = launch_run(scenario)
@@ -121,6 +122,13 @@ def test_killed_peer_does_not_stop_the_others(make_scenario, launch_run):
         assert rows[-1]["round"] == rounds
     late = read_jsonl(run.out / "peer-2.jsonl")[-1]
     assert late["neighbours_heard"] == [1] and late["neighbours_missing"] == [3]
+    for i in (2, 4):  # declared gone once, after about peer_timeout_s of silence
+        [gone] = [
+            e
+            for e in read_jsonl(run.out / "logs" / f"peer-{i}.jsonl")
+            if e["event"] == "neighbour_gone"
+        ]
+        assert gone["neighbour"] == 3 and 1.0 <= gone["silent_s"] < 3.0, gone
     assert run.peer_processes() == []
 
 

@@ -1,0 +1,96 @@
+"""Liveness on the gossip sockets: heartbeats, silence, and what a dead peer costs."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+from conftest import read_jsonl
+from test_faults import finished
+
+from p2pfl.transport import SEND_HWM, Ticker, Transport
+
+
+def test_a_slow_but_alive_neighbour_is_waited_for_not_declared_gone(make_scenario, launch_run):
+    """A straggler silent in its round loop for 2 s (peer_timeout_s = 1 s) keeps heartbeating
+    from its thread: nobody declares it gone, every round mixes its model, and it does not
+    take its own sleep for its neighbours' silence."""
+    scenario = make_scenario(
+        {
+            "name": "straggler",
+            "training": {"rounds": 3},
+            "gossip": {"round_timeout_s": 10.0, "peer_timeout_s": 1.0, "heartbeat_s": 0.2},
+            "faults": {"slow": [{"peer": 2, "delay_s": 2.0}]},
+        }
+    )
+    run = launch_run(scenario, "straggler")
+    finished(run, timeout=120)
+    for i in (1, 3):
+        rows = read_jsonl(run.out / f"peer-{i}.jsonl")[1:]
+        assert [r["round"] for r in rows] == [1, 2, 3]
+        assert all(2 in r["neighbours_heard"] for r in rows), rows
+        assert max(r["wait_s"] for r in rows[1:]) > 1.0  # it really waited past peer_timeout_s
+    for i in (1, 2, 3):  # nor did the straggler, reading what queued up while it slept
+        events = [e["event"] for e in read_jsonl(run.out / "logs" / f"peer-{i}.jsonl")]
+        assert "neighbour_gone" not in events, (i, events)
+
+
+def test_sends_to_a_dead_neighbour_neither_block_nor_pile_up():
+    """Nobody at the neighbour's address: every send returns at once, at most SEND_HWM
+    are queued; when the neighbour comes up it gets those few, the rest were dropped."""
+    ctx = zmq.Context()
+    probe = ctx.socket(zmq.PULL)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)  # the address is free again: the neighbour is "dead"
+    addr = f"tcp://127.0.0.1:{port}"
+    transport = Transport("tcp://127.0.0.1:*", {1: addr}, max_frames=4)
+    try:
+        t = time.perf_counter()
+        sent = [transport.send(1, [f"message {k}".encode()]) for k in range(100)]
+        assert time.perf_counter() - t < 1.0  # never blocked
+        assert sum(sent) <= SEND_HWM + 1 and not all(sent)
+        back = ctx.socket(zmq.PULL)  # the neighbour returns at the same address
+        back.bind(addr)
+        got = []
+        while back.poll(1500):
+            got.append(back.recv())
+        assert got[0] == b"message 0" and 1 <= len(got) == sum(sent) <= SEND_HWM + 1, got
+        back.close(linger=0)
+    finally:
+        transport.close()
+        ctx.term()
+
+
+def test_idle_names_the_neighbours_sent_nothing_lately_and_the_ticker_ticks():
+    """`Transport.idle` is what the heartbeat thread asks; `Ticker` calls on time and
+    survives a failing tick."""
+    ctx = zmq.Context()
+    sinks = [ctx.socket(zmq.PULL) for _ in range(2)]
+    ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in sinks]
+    transport = Transport(
+        "tcp://127.0.0.1:*", {j: f"tcp://127.0.0.1:{p}" for j, p in enumerate(ports)}, 4
+    )
+    try:
+        assert transport.idle(0.2) == [0, 1]  # never sent to
+        transport.send(0, [b"model"])
+        assert transport.idle(0.2) == [1]
+        time.sleep(0.25)
+        assert transport.idle(0.2) == [0, 1]
+        calls: list[float] = []
+
+        def tick() -> None:
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise RuntimeError("one bad tick")
+
+        ticker = Ticker(0.05, tick)
+        time.sleep(0.5)
+        ticker.stop()
+        n = len(calls)
+        time.sleep(0.15)
+        assert 5 <= n == len(calls), calls  # kept ticking after the error, stopped on stop()
+    finally:
+        transport.close()
+        for s in sinks:
+            s.close(linger=0)
+        ctx.term()
