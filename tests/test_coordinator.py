@@ -185,7 +185,7 @@ def test_straggler_does_not_stall_the_round(make_scenario, launch_run):
 
 def test_bootstrap_coordinator_killed_gossip_goes_on(make_scenario, launch_run):
     """Gossip bootstrapped by the coordinator: kill it once peers run, every peer completes."""
-    rounds = 1000  # long enough that the kill lands mid-run
+    rounds = 300  # long enough that the kill lands mid-run
     scenario = make_scenario(
         {
             "name": "bootstrap",

@@ -52,14 +52,15 @@ BYZANTINE = [0, 7, 14]  # 3 of 16 peers (19%)
 
 
 def byzantine_scenario(make_scenario, name, attack=None, aggregator="mean"):
-    """16 peers on a 6-regular graph, the quickstart's model and training, 3 Byzantine;
-    the robust rule is adaptive self-centred clipping of the farthest 45% of the weight,
-    leaving out neighbours farther than twice the clipping radius."""
+    """16 peers on a 6-regular graph, the quickstart's model and training (30 rounds), 3
+    Byzantine; the robust rule is adaptive self-centred clipping of the farthest 45% of
+    the weight, leaving out neighbours farther than twice the clipping radius."""
     faults = [{"peer": b, "attack": attack} for b in BYZANTINE] if attack else []
     return make_scenario(
         {
             "name": name,
             "topology": {"kind": "regular", "peers": 16, "degree": 6},
+            "training": {"rounds": 30},
             "gossip": {
                 "aggregator": aggregator,
                 "clip_tau": "adaptive",
@@ -87,16 +88,21 @@ def test_byzantine_attacks_break_plain_mixing_and_clipping_holds(make_scenario, 
     fault-free run."""
     honest = [i for i in range(16) if i not in BYZANTINE]
 
-    def accuracy(name, attack=None, aggregator="mean"):
-        run = launch_run(byzantine_scenario(make_scenario, name, attack, aggregator), name)
-        finished(run)
-        return final_accuracy(run, honest)
+    def accuracies(*runs):  # (name, attack, aggregator): launched together, then awaited
+        started = [
+            launch_run(byzantine_scenario(make_scenario, name, attack, aggregator), name)
+            for name, attack, aggregator in runs
+        ]
+        for run in started:
+            finished(run)
+        return [final_accuracy(run, honest) for run in started]
 
-    clean = accuracy("clean")
+    [clean] = accuracies(("clean", None, "mean"))
     results = {}
     for attack, damage in ATTACK_DAMAGE.items():
-        plain = accuracy(f"{attack}-plain", attack)
-        clipped = accuracy(f"{attack}-clipped", attack, "clipping")
+        plain, clipped = accuracies(
+            (f"{attack}-plain", attack, "mean"), (f"{attack}-clipped", attack, "clipping")
+        )
         results[attack] = (plain, clipped)
         assert plain < clean - damage, (attack, clean, results)
         assert clipped >= clean - 0.02, (attack, clean, results)

@@ -24,7 +24,7 @@ from p2pfl.scenario import load
 
 MESSAGES = 10_000  # per live target
 GENERATED = 0.05  # the share drawn whole by hypothesis; the rest mutate valid messages
-ROUNDS = 2_000  # a round takes 10-20 ms here: the run must outlast the flood (asserted)
+ROUNDS = 800  # a round takes 10-20 ms here: the run must outlast the flood (asserted)
 # Growth measured: about 10 MiB. A receiver queues at most 16 messages per connection and
 # keeps nothing it drops; keeping the flood's ~12 frames of 8 MiB alone would exceed this.
 RSS_BOUND = 64 * 2**20
