@@ -156,7 +156,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     try:
         if s.mode == "centralized":
-            run_client(s, args.id, out)
+            run_client(s, args.id, out, args.resume)
         else:
             run_peer(s, args.id, out, args.address, args.resume)
     except (CoordinatorLostError, BootstrapError) as exc:
@@ -292,7 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--resume",
         action="store_true",
-        help="gossip: continue from this peer's checkpoint in the run folder, then catch up",
+        help="continue from this peer's checkpoint in the run folder, then catch up (gossip: "
+        "with the neighbours' newest models; centralized: with the next global model)",
     )
     log_arg(q)
     q.set_defaults(func=cmd_peer)

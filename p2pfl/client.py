@@ -6,6 +6,10 @@ start_round brings the global model of the round before: the peer evaluates it
 sample count, loss) on the update channel. end_session brings the final model: the
 peer evaluates and saves it, says bye and exits 0.
 
+Every round it trained in is checkpointed (`p2pfl/checkpoint.py`); with `--resume` a
+restarted peer takes its optimizer state and PRNG key from there, appends to its
+history, and says hello again: the server's next start_round brings the global model.
+
 The peer sends a heartbeat every `centralized.heartbeat_s` and treats any message as
 a sign of life. If the coordinator is silent for `coordinator_timeout_s` (before the
 welcome: `startup_timeout_s`), or ends the session with an error, the peer raises
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from p2pfl import wire
+from p2pfl import checkpoint, wire
 from p2pfl.faults import die, poison
 from p2pfl.history import HistoryWriter, RoundRecord, save_model
 from p2pfl.learning.local import build, evaluate
@@ -49,8 +53,11 @@ class _Trained:
 class FedClient:
     """Owns one centralized-mode peer's link to the coordinator and its history file."""
 
-    def __init__(self, scenario: Scenario, peer_id: int, out_dir: Path) -> None:
+    def __init__(
+        self, scenario: Scenario, peer_id: int, out_dir: Path, resume: bool = False
+    ) -> None:
         self.s = scenario
+        self.resume = resume
         self.id = peer_id
         self.out_dir = out_dir
         self.local = build(scenario, peer_id)
@@ -59,7 +66,8 @@ class FedClient:
         self.expect = wire.Expect(scenario.digest(), scenario.peers, {"params": (n_params,)})
         self.coordinator = scenario.coordinator_addresses()
         self.link = Link(*self.coordinator, self.expect.max_frames)
-        self.history = HistoryWriter(out_dir / f"peer-{peer_id}.jsonl")
+        self.history = HistoryWriter(out_dir / f"peer-{peer_id}.jsonl", append=resume)
+        self.checkpoint = checkpoint.path_for(out_dir, peer_id)
         self.log = log.bind(peer=peer_id)
         self.t0 = time.perf_counter()
         self.welcomed = False
@@ -221,18 +229,32 @@ class FedClient:
         sent = model if self.attack is None else poison(self.attack, model, self.rng)
         self._send("update", round_, meta, sent)
         self.trained = _Trained(round_, float(loss), model, train_s)
+        checkpoint.save(self.checkpoint, state, round_)
         return state
+
+    def _restore(self) -> TrainState:
+        """The checkpointed state (`--resume`: its optimizer state and key count; the
+        parameters are replaced by the next global model), or the initial state."""
+        if self.resume and self.checkpoint.exists():
+            saved = checkpoint.load(self.checkpoint, self.local.state)
+            self.recorded = saved.round  # its rounds up to there are in the history
+            self.log.info("resumed", round=saved.round)
+            return saved.state
+        if self.resume:
+            self.log.warning("no_checkpoint", path=str(self.checkpoint), starting="round 1")
+        self._record(0, self.local.state.params, "initial", None)
+        return self.local.state
 
     def run(self) -> None:
         """Join, train whenever sampled, and finish with the final global model."""
-        state = self.local.state
-        self._record(0, state.params, "initial", None)
+        state = self._restore()
         # Compile before saying hello: a sampled peer's first round must not spend the
         # round's deadline compiling (the gossip loop allows round 1 extra time instead).
         d = self.local.data
         self.local.trainer.train.lower(state, d.x_train, d.y_train).compile()  # type: ignore[attr-defined]
         self._send("hello", 0, {"samples": self.samples})
         self.log.info("peer_started", coordinator=self.coordinator[0], samples=self.samples)
+        crash = None if self.resume else self.s.crash_round(self.id)
         while True:
             msg = self._next()
             if msg.type == "end_session":
@@ -241,7 +263,7 @@ class FedClient:
                 self.log.warning("message_dropped", reason="start_round without params")
                 continue
             structlog.contextvars.bind_contextvars(round=msg.round)
-            if (crash := self.s.crash_round(self.id)) is not None and msg.round >= crash:
+            if crash is not None and msg.round >= crash:
                 die(self.log)
             state, _ = self._adopt(msg.round - 1, msg.arrays["params"], state)
             state = self._train(msg.round, state)
@@ -260,9 +282,9 @@ class FedClient:
         self.history.close()
 
 
-def run_client(scenario: Scenario, peer_id: int, out_dir: Path) -> None:
+def run_client(scenario: Scenario, peer_id: int, out_dir: Path, resume: bool = False) -> None:
     """Run one centralized-mode peer to the end of the session; sockets closed even on error."""
-    client = FedClient(scenario, peer_id, out_dir)
+    client = FedClient(scenario, peer_id, out_dir, resume)
     try:
         client.run()
     finally:

@@ -168,3 +168,33 @@ def test_crashed_peer_rejoins_from_its_checkpoint(make_scenario, launch_run):
     mine = rows[-1]["holdout_accuracy"]
     theirs = final_accuracy(run, [2, 4])
     assert abs(mine - theirs) <= 0.01, (mine, theirs)
+
+
+def test_centralized_peer_rejoins_from_its_checkpoint(make_scenario, launch_run):
+    """Centralized: a peer killed at round 5 is restarted with --resume, appends to its
+    history, and trains again from the server's next global model to the last round."""
+    scenario = make_scenario(
+        {
+            "name": "rejoin-central",
+            "mode": "centralized",
+            "topology": {"peers": 4},
+            "model": {"kind": "logreg"},
+            "training": {"rounds": 20, "local_epochs": 1},
+            "centralized": {"round_timeout_s": 3.0, "peer_timeout_s": 1.0, "heartbeat_s": 0.25},
+            "faults": {"crash": [{"peer": 2, "at_round": 5, "rejoin_after_s": 0.5}]},
+        }
+    )
+    run = launch_run(scenario, "rejoin-central")
+    summary = finished(run)
+    assert summary["completed_peers"] == list(range(4)) and summary["rejoined_peers"] == [2]
+    assert summary["crashed_peers"] == [] and summary["failed_peers"] == []
+    [resumed] = [
+        e for e in read_jsonl(run.out / "logs" / "peer-2.jsonl") if e["event"] == "resumed"
+    ]
+    assert resumed["round"] == 4  # the checkpoint of the last round it trained in
+    rounds = [r["round"] for r in read_jsonl(run.out / "peer-2.jsonl")]
+    # one history, appended to: round 4's line waited for round 5's start, which killed it
+    assert rounds[:4] == [0, 1, 2, 3] and rounds == sorted(set(rounds)) and rounds[-1] == 20
+    server = read_jsonl(run.out / "coordinator.jsonl")
+    assert any(2 not in r["participants"] for r in server[5:])  # it really was gone
+    assert server[-1]["participants"] == [0, 1, 2, 3]  # and took part again
