@@ -127,6 +127,7 @@ class GossipPeer:
         self.round = 0  # the round in progress, for the heartbeat thread
         self.ticker: Ticker | None = None
         self.last_model: list[wire.Buffer] | None = None  # this round's model, as sent
+        self.resent: dict[int, float] = {}  # neighbour -> when last_model was last resent
         self.round_bytes = 0  # model bytes sent in the round in progress
         # dissensus attacker: gain per honest neighbour; its own model of the round (the
         # honest peers' centre, as it sees it); neighbours sent their crafted model
@@ -157,9 +158,6 @@ class GossipPeer:
             if exc.sender in self.last_heard and current <= claimed <= current + MAX_ROUNDS_AHEAD:
                 self.inbox.refuse(claimed, exc.sender)
             return
-        if msg.type == "heartbeat" and msg.round > current + MAX_ROUNDS_AHEAD:
-            self._drop("round too far ahead", sender=msg.sender, msg_round=msg.round)
-            return
         if self._liveness_message(msg):
             if msg.type == "heartbeat" and msg.round > current and msg.sender in self.last_heard:
                 self.inbox.passed(msg.sender, msg.round)
@@ -187,8 +185,16 @@ class GossipPeer:
         if j in self.gone:
             self.gone.discard(j)
             self.log.info("neighbour_back", neighbour=j)
-            if self.last_model is not None:  # what it missed while down: catch-up material
-                self._send(j, self.last_model)
+            self._resend(j)  # what it missed while down: catch-up material
+
+    def _resend(self, j: int) -> None:
+        """This round's model again, for a neighbour catching up after a restart; at most
+        once per `heartbeat_s` each, so a stream of requests cannot amplify into models."""
+        now = time.monotonic()
+        if self.last_model is None or now - self.resent.get(j, -1e9) < self.s.gossip.heartbeat_s:
+            return
+        self.resent[j] = now
+        self._send(j, self.last_model)
 
     def _liveness_message(self, msg: wire.Message) -> bool:
         """True if `msg` is a heartbeat (a sign of life) or a bye (a neighbour that
@@ -200,6 +206,8 @@ class GossipPeer:
             self._drop(f"{msg.type} from a peer that is not a neighbour", sender=j)
         elif msg.type == "heartbeat":
             self._heard(j)
+            if msg.meta.get("catch_up") is True:
+                self._resend(j)
         elif j not in self.gone:
             self.gone.add(j)
             self.log.info("neighbour_left", neighbour=j, its_round=msg.round)
@@ -472,29 +480,35 @@ class GossipPeer:
         return self.local.state, 0
 
     def _catch_up(self, state: TrainState, last: int) -> tuple[TrainState, int]:
-        """After a restart: say so with a heartbeat, collect each neighbour's newest model,
-        adopt their mean and go on from the round after the newest of them.
+        """After a restart: ask for the neighbours' current models, adopt the mean of the
+        newest from each and go on from the round after the newest of them.
 
-        The neighbours gave up waiting for this peer long ago; the heartbeat makes them
-        take it back, so each stops at its current round to wait for this peer, having
-        sent that round's model here. Listening ends once every neighbour's model is in
-        and none newer came for `heartbeat_s`, or after `round_timeout_s`. A neighbour
-        left in an earlier round stops waiting as soon as this peer's next model arrives.
+        The neighbours gave up waiting for this peer long ago. A heartbeat flagged
+        `catch_up`, repeated every `heartbeat_s`, makes them take it back (so each
+        stops at its current round to wait for it) and resend their current model. What
+        waited in their queues while this peer was down arrives first and is older; their
+        resends follow once their connections are back (within the reconnect backoff).
+        Listening ends once every neighbour's model is in and none newer came for two
+        heartbeat intervals, or after `round_timeout_s`. A neighbour left in an earlier
+        round stops waiting as soon as this peer's next model arrives.
         """
-        back = wire.encode("heartbeat", self.id, last, self.expect.scenario)
-        for j in self.neighbours:
-            self.transport.send(j, back)
+        ask = wire.encode("heartbeat", self.id, last, self.expect.scenario, {"catch_up": True})
         g = self.s.gossip
         newest: dict[int, tuple[int, wire.Chunked]] = {}  # neighbour -> (round, model)
         deadline = time.monotonic() + g.round_timeout_s
         quiet_from = deadline  # when the last newer model came
+        asked = -1e9
         while (now := time.monotonic()) < deadline:
-            wait = deadline - now
+            if now - asked >= g.heartbeat_s:
+                asked = now
+                for j in self.neighbours:
+                    self.transport.send(j, ask)
+            wait = min(deadline, asked + g.heartbeat_s) - now
             if len(newest) == self.degree:
-                wait = min(wait, quiet_from + g.heartbeat_s - now)
-                if wait <= 0:
+                if now - quiet_from >= 2 * g.heartbeat_s:
                     break
-            frames = self.transport.recv(wait)
+                wait = min(wait, quiet_from + 2 * g.heartbeat_s - now)
+            frames = self.transport.recv(max(0.0, wait))
             if frames is None:
                 continue
             try:
