@@ -237,7 +237,9 @@ class FedClient:
         parameters are replaced by the next global model), or the initial state."""
         if self.resume and self.checkpoint.exists():
             saved = checkpoint.load(self.checkpoint, self.local.state)
-            self.recorded = saved.round  # its rounds up to there are in the history
+            # its rounds before that are in the history; the line of saved.round itself
+            # waited for the next global model, and the crash came first
+            self.recorded = saved.round
             self.log.info("resumed", round=saved.round)
             return saved.state
         if self.resume:

@@ -55,7 +55,8 @@ def dissensus_gains(s: Scenario, graph: nx.Graph, attacker: int) -> dict[int, fl
     the gain of `dissensus`, from i's mixing weights (the graph is public).
 
     With every dissensus attacker next to i sending its crafted model, i's step
-    sum_k W_ik (x_k - x_i) loses epsilon times its honest part: 1 cancels it.
+    sum_k W_ik (x_k - x_i) loses epsilon times its honest part (exactly so when each
+    attacker's centre is the weighted mean of i's honest neighbours): 1 cancels it.
     """
     attack = s.byzantine(attacker)
     if attack is None or attack.attack != "dissensus":
@@ -76,7 +77,9 @@ def dissensus_gains(s: Scenario, graph: nx.Graph, attacker: int) -> dict[int, fl
 def dissensus(target: np.ndarray, centre: np.ndarray, gain: float) -> np.ndarray:
     """The model a dissensus attacker sends the neighbour whose model is `target`:
     target + gain * (target - centre), with `centre` its estimate of where the honest
-    neighbours of the target are (its own honestly trained and mixed model)."""
+    neighbours of the target are (the peer passes its own honestly trained model). The
+    target's step is cancelled exactly (epsilon = 1) when `centre` is their weighted
+    mean; with the attacker's estimate, most of it is."""
     t = np.asarray(target, dtype=np.float64)
     out = t + gain * (t - np.asarray(centre, dtype=np.float64))
     return np.ascontiguousarray(out, dtype=np.float32)

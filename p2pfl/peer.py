@@ -17,6 +17,7 @@ that model was lost on the way.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from p2pfl.gossip import mix
 from p2pfl.history import HistoryWriter, RoundRecord, save_model
 from p2pfl.learning.local import Local, build, evaluate
 from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
-from p2pfl.robust import gossip_aggregate
+from p2pfl.robust import coordinate_median, gossip_aggregate
 from p2pfl.scenario import Scenario, check_tcp
 from p2pfl.topology import build_graph, local_weights
 from p2pfl.transport import Link, Ticker, Transport
@@ -126,7 +127,9 @@ class GossipPeer:
         self.gone: set[int] = set()
         self.round = 0  # the round in progress, for the heartbeat thread
         self.ticker: Ticker | None = None
-        self.last_model: list[wire.Buffer] | None = None  # this round's model, as sent
+        self.last_model: tuple[int, np.ndarray] | None = None  # (round, model) as last sent
+        self.heartbeat_bytes = 0  # sent by the ticker since the last round record
+        self.heartbeat_lock = threading.Lock()
         self.resent: dict[int, float] = {}  # neighbour -> when last_model was last resent
         self.round_bytes = 0  # model bytes sent in the round in progress
         # dissensus attacker: gain per honest neighbour; its own model of the round (the
@@ -158,6 +161,9 @@ class GossipPeer:
             if exc.sender in self.last_heard and current <= claimed <= current + MAX_ROUNDS_AHEAD:
                 self.inbox.refuse(claimed, exc.sender)
             return
+        if msg.type == "heartbeat" and msg.round > self.s.training.rounds:
+            self._drop("heartbeat beyond the last round", sender=msg.sender, msg_round=msg.round)
+            return
         if self._liveness_message(msg):
             if msg.type == "heartbeat" and msg.round > current and msg.sender in self.last_heard:
                 self.inbox.passed(msg.sender, msg.round)
@@ -185,16 +191,17 @@ class GossipPeer:
         if j in self.gone:
             self.gone.discard(j)
             self.log.info("neighbour_back", neighbour=j)
-            self._resend(j)  # what it missed while down: catch-up material
 
     def _resend(self, j: int) -> None:
-        """This round's model again, for a neighbour catching up after a restart; at most
-        once per `heartbeat_s` each, so a stream of requests cannot amplify into models."""
+        """This round's model again, flagged `resend`, for a neighbour catching up after a
+        restart; at most once per `heartbeat_s` each, so a stream of requests cannot
+        amplify into models."""
         now = time.monotonic()
         if self.last_model is None or now - self.resent.get(j, -1e9) < self.s.gossip.heartbeat_s:
             return
         self.resent[j] = now
-        self._send(j, self.last_model)
+        round_, params = self.last_model
+        self._send(j, self._model_frames(round_, params, resend=True))
 
     def _liveness_message(self, msg: wire.Message) -> bool:
         """True if `msg` is a heartbeat (a sign of life) or a bye (a neighbour that
@@ -212,6 +219,11 @@ class GossipPeer:
             self.gone.add(j)
             self.log.info("neighbour_left", neighbour=j, its_round=msg.round)
         return True
+
+    def _take_heartbeat_bytes(self) -> int:
+        with self.heartbeat_lock:
+            sent, self.heartbeat_bytes = self.heartbeat_bytes, 0
+        return sent
 
     def _alive(self) -> set[int]:
         """Neighbours heard within `peer_timeout_s`; those silent longer are declared gone."""
@@ -238,8 +250,9 @@ class GossipPeer:
         ]
         if to:
             frames = wire.encode("heartbeat", self.id, self.round, self.expect.scenario)
-            for j in to:
-                self.transport.send(j, frames)
+            sent = sum(self.transport.send(j, frames) for j in to) * wire.frames_size(frames)
+            with self.heartbeat_lock:
+                self.heartbeat_bytes += sent
 
     def _not_a_model(self, msg: wire.Message) -> str | None:
         """Why a decoded message is not a neighbour's usable model (None if it is one)."""
@@ -292,8 +305,12 @@ class GossipPeer:
         test_acc, hold_acc = evaluate(self.local.trainer, params, self.local.data)
         return test_acc, hold_acc, time.perf_counter() - t
 
-    def _model_frames(self, round_: int, params: np.ndarray) -> list[wire.Buffer]:
+    def _model_frames(
+        self, round_: int, params: np.ndarray, resend: bool = False
+    ) -> list[wire.Buffer]:
         meta = {"degree": self.degree, "samples": int(self.local.data.x_train.shape[0])}
+        if resend:
+            meta["resend"] = True
         return wire.encode("model", self.id, round_, self.expect.scenario, meta, {"params": params})
 
     def _send(self, j: int, frames: list[wire.Buffer]) -> None:
@@ -308,7 +325,8 @@ class GossipPeer:
         keeps its model. A dissensus attacker sends its colluders its model, and crafts
         one for each honest neighbour whose model of this round is already in."""
         sent = own if self.attack is None else poison(self.attack, own, self.rng)
-        frames = self.last_model = self._model_frames(round_, sent)
+        self.last_model = (round_, sent)
+        frames = self._model_frames(round_, sent)
         for j in self.neighbours:
             if self.gains is None or j not in self.gains:
                 self._send(j, frames)
@@ -378,7 +396,7 @@ class GossipPeer:
             timeout += self.s.gossip.startup_timeout_s
         received, wait_s = self._gather(round_, time.perf_counter() + timeout)
         for j in set(self.gains or ()) - self.served:  # their model never came: nothing to
-            self._send(j, self.last_model)  # craft from, the plain model instead
+            self._send(j, self._model_frames(round_, own))  # craft from, the plain model
         got = self.inbox.take(round_)
         weights = local_weights(
             self.s.gossip.mixing, self.degree, {j: g[1] for j, g in got.items()}
@@ -401,7 +419,7 @@ class GossipPeer:
                 train_loss=float(loss),
                 test_accuracy=test_acc,
                 holdout_accuracy=hold_acc,
-                bytes_sent=self.round_bytes,
+                bytes_sent=self.round_bytes + self._take_heartbeat_bytes(),
                 bytes_received=received,
                 train_s=train_s,
                 eval_s=eval_s,
@@ -480,35 +498,31 @@ class GossipPeer:
         return self.local.state, 0
 
     def _catch_up(self, state: TrainState, last: int) -> tuple[TrainState, int]:
-        """After a restart: ask for the neighbours' current models, adopt the mean of the
-        newest from each and go on from the round after the newest of them.
+        """After a restart: ask for the neighbours' current models, adopt a combination of
+        the newest from each and go on from the round after the newest of them.
 
         The neighbours gave up waiting for this peer long ago. A heartbeat flagged
         `catch_up`, repeated every `heartbeat_s`, makes them take it back (so each
-        stops at its current round to wait for it) and resend their current model. What
-        waited in their queues while this peer was down arrives first and is older; their
-        resends follow once their connections are back (within the reconnect backoff).
-        Listening ends once every neighbour's model is in and none newer came for two
-        heartbeat intervals, or after `round_timeout_s`. A neighbour left in an earlier
-        round stops waiting as soon as this peer's next model arrives.
+        stops at its current round to wait for it) and resend their current model,
+        flagged `resend`. What waited in their queues while this peer was down arrives
+        first and is older, so listening ends once every neighbour's resend is in, or
+        after `round_timeout_s` with what came. The models are combined by the
+        scenario's rule: their mean, or with a robust `gossip.aggregator` their
+        coordinate-wise median. A neighbour left in an earlier round stops waiting as
+        soon as this peer's next model arrives.
         """
         ask = wire.encode("heartbeat", self.id, last, self.expect.scenario, {"catch_up": True})
         g = self.s.gossip
         newest: dict[int, tuple[int, wire.Chunked]] = {}  # neighbour -> (round, model)
+        resent: set[int] = set()
         deadline = time.monotonic() + g.round_timeout_s
-        quiet_from = deadline  # when the last newer model came
         asked = -1e9
-        while (now := time.monotonic()) < deadline:
+        while (now := time.monotonic()) < deadline and resent != set(self.neighbours):
             if now - asked >= g.heartbeat_s:
                 asked = now
                 for j in self.neighbours:
                     self.transport.send(j, ask)
-            wait = min(deadline, asked + g.heartbeat_s) - now
-            if len(newest) == self.degree:
-                if now - quiet_from >= 2 * g.heartbeat_s:
-                    break
-                wait = min(wait, quiet_from + 2 * g.heartbeat_s - now)
-            frames = self.transport.recv(max(0.0, wait))
+            frames = self.transport.recv(min(deadline, asked + g.heartbeat_s) - now)
             if frames is None:
                 continue
             try:
@@ -521,21 +535,33 @@ class GossipPeer:
             if (problem := self._not_a_model(msg)) is not None:
                 self._drop(problem, sender=msg.sender)
                 continue
+            if msg.round > self.s.training.rounds:
+                self._drop("model for a round beyond the last", sender=msg.sender)
+                continue
             self._heard(msg.sender)
+            if msg.meta.get("resend") is True:
+                resent.add(msg.sender)
             if msg.round > max(last, newest.get(msg.sender, (-1, None))[0]):
                 newest[msg.sender] = (msg.round, msg.arrays["params"])
-                quiet_from = time.monotonic()
         to_round = max((r for r, _ in newest.values()), default=last)
         if to_round == last:
             self.log.info("catch_up_found_nobody", continuing_from=last + 1)
             return state, last
-        models = [np.asarray(x) for _, x in newest.values()]
-        params = np.mean(np.stack(models).astype(np.float64), axis=0).astype(np.float32)
+        models = np.stack([np.asarray(x) for _, x in newest.values()])
+        params = (
+            models.astype(np.float64).mean(axis=0).astype(np.float32)
+            if g.aggregator == "mean"
+            else coordinate_median(models)
+        )
+        if not np.isfinite(params).all():
+            self.log.error("caught_up_model_not_finite", kept="checkpoint")
+            return state, last
         self.log.info(
             "caught_up",
             from_round=last,
             to_round=to_round,
             neighbours={str(j): r for j, (r, _) in sorted(newest.items())},
+            resent=sorted(resent),
         )
         return self.local.trainer.with_params(state, params), to_round
 
@@ -549,7 +575,8 @@ class GossipPeer:
         if self.s.coordinator.bootstrap:
             self._bootstrap()
         self.round = last
-        self.ticker = Ticker(self.s.gossip.heartbeat_s, self._send_heartbeats)
+        # ticking at half the interval: no neighbour waits more than 1.5 x heartbeat_s
+        self.ticker = Ticker(self.s.gossip.heartbeat_s / 2, self._send_heartbeats)
         if last > 0:
             state, last = self._catch_up(state, last)
         self.log.info(

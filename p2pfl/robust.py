@@ -195,8 +195,9 @@ def server_aggregate(
 
     "mean" is FedAvg (weights normalised); the robust rules are unweighted, with trim and
     f reduced to what n allows. "krum" is multi-Krum with m = n - f: the mean of the n - f
-    best-scored updates. Krum proper (m = 1) kept one honest peer's update a round, the
-    same peer's each time, and ended ~3 points below FedAvg with or without an attack.
+    best-scored updates (f as asked, even where n forces fewer for the scores). Krum
+    proper (m = 1) kept one honest peer's update a round, the same peer's each time, and
+    ended ~3 points below FedAvg with or without an attack.
     Krum needs n >= 3: below that, the median (= the mean).
     """
     if name not in SERVER_AGGREGATORS:
@@ -216,5 +217,7 @@ def server_aggregate(
         return coordinate_median(x)
     if name == "trimmed_mean":
         return trimmed_mean(x, _fit_trim(trim, n))
-    f = max(0, min(_count(f, "f"), (n - 3) // 2))
-    return krum(x, f, m=n - f)
+    # Scores use the f that n allows; the n - f kept use the f asked for, so a round with
+    # few updates still leaves the worst-scored ones out instead of averaging them all.
+    asked = _count(f, "f")
+    return krum(x, max(0, min(asked, (n - 3) // 2)), m=max(1, n - asked))

@@ -45,6 +45,7 @@ rest. Losses are counted and logged once, at debug level (`link_dropped`), at cl
 from __future__ import annotations
 
 import heapq
+import math
 import secrets
 import threading
 import time
@@ -209,7 +210,9 @@ class Transport:
     """A peer's sockets: `send` to a neighbour id, `recv` from anyone, `close` at the end.
 
     `link_delay_ms` and `link_drop` inject link faults on send (see the module
-    docstring); `seed` seeds the losses, so a run loses the same messages every time.
+    docstring); `seed` seeds the losses: the same sequence of sends loses the same
+    messages (in a gossip run, heartbeats interleave with the models at moments that
+    depend on timing, so which models are lost varies from run to run).
     With both at 0 (the default) sends go straight to ZeroMQ, exactly as without them.
     """
 
@@ -295,7 +298,7 @@ class Transport:
         At most `max_frames + 1` frames are kept; the rest of an over-long message is
         read and discarded so memory stays bounded and the caller can reject it.
         """
-        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+        if not self._poller.poll(max(0, math.ceil(timeout_s * 1000))):  # never a busy spin
             return None
         return read_capped(self.inbox, self._max_frames + 1)
 

@@ -152,6 +152,7 @@ def test_crashed_peer_rejoins_from_its_checkpoint(make_scenario, launch_run):
     assert resumed["round"] == 9  # the checkpoint of the last round it finished
     [caught] = [e for e in log if e["event"] == "caught_up"]
     assert caught["to_round"] > 9 and sorted(caught["neighbours"]) == ["2", "4"]
+    assert caught["resent"] == [2, 4]  # both resent their current model on request
     for j in (2, 4):  # its neighbours gave up on it after 1 s of silence, then took it back
         events = [
             (e["event"], e.get("silent_s"), e["round"])

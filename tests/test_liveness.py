@@ -8,6 +8,7 @@ import zmq
 from conftest import read_jsonl
 from test_faults import finished
 
+from p2pfl.launch import free_base_port
 from p2pfl.transport import SEND_HWM, Ticker, Transport
 
 
@@ -38,26 +39,25 @@ def test_a_slow_but_alive_neighbour_is_waited_for_not_declared_gone(make_scenari
 def test_sends_to_a_dead_neighbour_neither_block_nor_pile_up():
     """Nobody at the neighbour's address: every send returns at once, at most SEND_HWM
     are queued; when the neighbour comes up it gets those few, the rest were dropped."""
+    # a free port below the ephemeral range: connecting to a dead one inside it can get
+    # that very port as the source, a TCP self-connection that occupies the address
+    addr = f"tcp://127.0.0.1:{free_base_port(1)}"
     ctx = zmq.Context()
-    probe = ctx.socket(zmq.PULL)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)  # the address is free again: the neighbour is "dead"
-    addr = f"tcp://127.0.0.1:{port}"
+    back = ctx.socket(zmq.PULL)
     transport = Transport("tcp://127.0.0.1:*", {1: addr}, max_frames=4)
     try:
         t = time.perf_counter()
         sent = [transport.send(1, [f"message {k}".encode()]) for k in range(100)]
         assert time.perf_counter() - t < 1.0  # never blocked
         assert sum(sent) <= SEND_HWM + 1 and not all(sent)
-        back = ctx.socket(zmq.PULL)  # the neighbour returns at the same address
-        back.bind(addr)
+        back.bind(addr)  # the neighbour comes back at its address
         got = []
         while back.poll(1500):
             got.append(back.recv())
         assert got[0] == b"message 0" and 1 <= len(got) == sum(sent) <= SEND_HWM + 1, got
-        back.close(linger=0)
     finally:
         transport.close()
+        back.close(linger=0)
         ctx.term()
 
 

@@ -357,10 +357,22 @@ def test_gossip_median_includes_own_as_one_row():
 
 
 def test_server_krum_shrinks_f_to_fit_and_ignores_an_outlier():
-    """f = 10 with five updates runs as f = 1: the mean of the 4 best, without the outlier."""
+    """f = 10 with five updates: scored as f = 1, and n - f < 1 keeps the single best."""
     updates = np.array([[0.0], [0.1], [0.2], [0.3], [1e6]], np.float32)
     out = server_aggregate("krum", updates, np.ones(5), trim=0, f=10)
+    assert out[0] in updates[:4, 0]
+    out = server_aggregate("krum", updates, np.ones(5), trim=0, f=1)  # the mean of the 4 best
     np.testing.assert_allclose(out, [0.15], rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_server_krum_leaves_the_outlier_out_even_when_n_forces_a_smaller_f(n):
+    """krum_f = 1 with 3 or 4 updates: scored with f = 0, but still n - 1 kept, never the
+    outlier (averaging all n would let it in)."""
+    updates = np.ones((n, 2), np.float32)
+    updates[0] = -100.0
+    out = server_aggregate("krum", updates, np.ones(n), trim=0, f=1)
+    np.testing.assert_array_equal(out, [1.0, 1.0])
 
 
 def test_server_krum_with_two_updates_falls_back_to_the_median():
