@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from p2pfl.launch import free_base_port
-from p2pfl.scenario import dumps as to_toml
+from p2pfl.app.launch import free_base_port
+from p2pfl.config.schema import dumps as to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "scenarios" / "quickstart.toml"

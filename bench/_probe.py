@@ -4,7 +4,7 @@
 scenario, logging, JAX + compile cache, data, model/trainer, sockets, the round-0
 evaluation, the first training call), printing one JSON line per step with the
 epoch time at its end and the process RSS, so the caller can attribute the time
-and memory of a peer's start-up. The steps mirror `p2pfl.cli.cmd_peer`,
+and memory of a peer's start-up. The steps mirror `p2pfl.runtime.roles.peer`,
 `GossipPeer.__init__` and `GossipPeer.run`; they call the same public functions.
 
 `compute`: the uncontended compute of a round for each peer of a scenario (local
@@ -38,24 +38,26 @@ def startup(scenario_path: str, peer_id: int, out: Path) -> None:
     """One peer's start-up, step by step."""
     _emit("interpreter", t=T_START)
     _emit("stdlib imports")
-    from p2pfl import _runtime, cli  # scenario schema: pydantic
+    from p2pfl.runtime import process as _runtime
+    from p2pfl.runtime import roles  # scenario schema: pydantic
 
-    _emit("import p2pfl.cli (pydantic scenario schema)")
-    s = cli._scenario(Path(scenario_path), peer=peer_id)
+    _emit("import p2pfl.runtime.roles (pydantic scenario schema)")
+    s = roles.scenario(Path(scenario_path), peer=peer_id)
     _emit("load + validate scenario (networkx graph check)")
     _runtime.limit_threads()
-    from p2pfl import logs
+    from p2pfl.runtime import logs
 
     logs.configure(out / "logs" / f"probe-{peer_id}.jsonl", "info")
     _emit("import + configure structlog")
     _runtime.enable_compile_cache()
     _emit("import jax + enable compile cache")
-    from p2pfl import peer as peer_mod  # optax, zmq, msgpack, ...
-    from p2pfl import wire
+    from p2pfl.config.learning import flips_labels, learning_spec
+    from p2pfl.core.graphs import build_graph
     from p2pfl.learning import local as local_mod
-    from p2pfl.topology import build_graph
+    from p2pfl.protocol import wire
+    from p2pfl.runtime import peer as peer_mod  # optax, zmq, msgpack, ...
 
-    _emit("import p2pfl.peer (optax, zmq, msgpack, ...)")
+    _emit("import p2pfl.runtime.peer (optax, zmq, msgpack, ...)")
     graph = build_graph(s.topology, s.seed, s.base_dir)
     neighbours = sorted(graph.neighbors(peer_id))
     _emit("build topology graph")
@@ -79,7 +81,7 @@ def startup(scenario_path: str, peer_id: int, out: Path) -> None:
     for name, label in pieces.items():
         if hasattr(local_mod, name):
             setattr(local_mod, name, timed(label, getattr(local_mod, name)))
-    loc = local_mod.build(s, peer_id)
+    loc = local_mod.build(learning_spec(s), peer_id, flips_labels(s, peer_id))
     for label, t_end, rss in marks:
         print(json.dumps({"step": label, "t": t_end, "rss": rss}), flush=True)
     _emit("trainer.init + rest of build")
@@ -91,14 +93,12 @@ def startup(scenario_path: str, peer_id: int, out: Path) -> None:
         expect.max_frames,
     )
     _emit("open sockets")
-    float(trainer.evaluate(state.params, data.x_test, data.y_test)[0])
-    if data.x_holdout is not None:
-        float(trainer.evaluate(state.params, data.x_holdout, data.y_holdout)[0])
+    local_mod.evaluate(trainer, state.params, data)  # test + holdout in one call, as a peer
     _emit("round-0 evaluation (evaluate: compile or cache load)", phase="ready")
-    state, loss = trainer.train(state, data.x_train, data.y_train)
+    state, loss = trainer.train(state, data.train)
     float(loss)
     _emit("first train call (round 1: compile or cache load)", phase="round1")
-    state, loss = trainer.train(state, data.x_train, data.y_train)
+    state, loss = trainer.train(state, data.train)
     float(loss)
     _emit("second train call (steady state)", phase="round2")
     transport.close()
@@ -108,26 +108,26 @@ def compute(scenario_path: str, reps: int) -> None:
     """Median uncontended train + evaluate seconds per round, for every peer."""
     import statistics
 
-    from p2pfl import _runtime, cli
+    from p2pfl.runtime import process as _runtime
+    from p2pfl.runtime import roles
 
-    s = cli._scenario(Path(scenario_path))
+    s = roles.scenario(Path(scenario_path))
     _runtime.limit_threads()
     _runtime.enable_compile_cache()
-    from p2pfl.learning.local import build
+    from p2pfl.config.learning import learning_spec
+    from p2pfl.learning.local import build, evaluate
     from p2pfl.learning.trainer import as_numpy
 
     for pid in range(s.peers):
-        loc = build(s, pid)
+        loc = build(learning_spec(s), pid)
         d, tr, state = loc.data, loc.trainer, loc.state
         train, evals = [], []
         for i in range(reps + 2):
             t0 = time.perf_counter()
-            state, _ = tr.train(state, d.x_train, d.y_train)
+            state, _ = tr.train(state, d.train)
             as_numpy(state.params)
             t1 = time.perf_counter()
-            float(tr.evaluate(state.params, d.x_test, d.y_test)[0])
-            if d.x_holdout is not None:
-                float(tr.evaluate(state.params, d.x_holdout, d.y_holdout)[0])
+            evaluate(tr, state.params, d)
             t2 = time.perf_counter()
             if i >= 2:  # the first calls compile (or load from the cache)
                 train.append(t1 - t0)
@@ -168,27 +168,30 @@ def overhead(scenario_path: str, reps: int) -> None:
     import statistics
     import tempfile
 
-    from p2pfl import _runtime, cli
+    from p2pfl.runtime import process as _runtime
+    from p2pfl.runtime import roles
 
-    s = cli._scenario(Path(scenario_path))
+    s = roles.scenario(Path(scenario_path))
     _runtime.limit_threads()
     _runtime.enable_compile_cache()
     import zmq
 
-    from p2pfl import logs, wire
-    from p2pfl.gossip import mix
-    from p2pfl.history import HistoryWriter, RoundRecord
-    from p2pfl.learning.local import build
+    from p2pfl.config.learning import learning_spec
+    from p2pfl.core.graphs import local_weights
+    from p2pfl.core.mixing import mix
+    from p2pfl.learning.local import build, evaluate
     from p2pfl.learning.trainer import as_numpy
-    from p2pfl.topology import local_weights
-    from p2pfl.transport import Transport
+    from p2pfl.net.transport import Transport
+    from p2pfl.protocol import wire
+    from p2pfl.record.history import HistoryWriter, RoundRecord
+    from p2pfl.runtime import logs
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-probe-"))
     logs.configure(tmp / "probe.jsonl", "info")
     import structlog
 
     log = structlog.get_logger().bind(peer=0)
-    loc = build(s, 0)
+    loc = build(learning_spec(s), 0)
     d, tr, state = loc.data, loc.trainer, loc.state
     expect = wire.Expect(s.digest(), s.peers - 1, {"params": (tr.n_params,)})
     t = Transport("tcp://127.0.0.1:*", {}, expect.max_frames)
@@ -208,7 +211,7 @@ def overhead(scenario_path: str, reps: int) -> None:
 
     for r in range(1, reps + 3):
         t0 = time.perf_counter()
-        state, loss = tr.train(state, d.x_train, d.y_train)
+        state, loss = tr.train(state, d.train)
         own = as_numpy(state.params)
         t0 = lap("train (jit call + device->numpy)", t0)
         frames = wire.encode(
@@ -219,7 +222,7 @@ def overhead(scenario_path: str, reps: int) -> None:
         t0 = lap("encode + send to 2 neighbours", t0)
         got = {}
         for j in t.outboxes:
-            msg = wire.decode(t.recv(5.0), expect)
+            msg = wire.decode(t.recv(5.0).frames, expect)
             got[j] = (msg.arrays["params"], msg.meta["degree"])
         t0 = lap("recv + decode 2 models (loopback)", t0)
         weights = local_weights(s.gossip.mixing, 2, {j: g[1] for j, g in got.items()})
@@ -227,8 +230,7 @@ def overhead(scenario_path: str, reps: int) -> None:
         t0 = lap("weights + mix (numpy float64)", t0)
         state = tr.with_params(state, mixed.params)
         t0 = lap("with_params (numpy -> device)", t0)
-        test_acc = float(tr.evaluate(state.params, d.x_test, d.y_test)[0])
-        hold = float(tr.evaluate(state.params, d.x_holdout, d.y_holdout)[0])
+        test_acc, hold = evaluate(tr, state.params, d)
         t0 = lap("evaluate test + holdout", t0)
         values = {
             "round": r,

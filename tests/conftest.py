@@ -18,8 +18,8 @@ import psutil
 import pytest
 import zmq
 
-from p2pfl.launch import free_base_port
-from p2pfl.scenario import dumps as to_toml
+from p2pfl.app.launch import free_base_port
+from p2pfl.config.schema import dumps as to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,3 +190,14 @@ def send_all(kind: int, addr: str, cases: list[tuple[str, list[bytes]]]) -> None
     finally:
         sock.close()
         ctx.term()
+
+
+PROCESS_FIXTURES = {"launch_run", "cli_procs"}  # they start real processes
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts processes through a fixture is `slow` without saying so: the
+    fast tier (`-m "not slow"`) never starts one by accident."""
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -6,12 +6,16 @@ import json
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 from conftest import read_jsonl, send_all, wait_for_round
 
-from p2pfl import wire
+from p2pfl.config.learning import learning_spec
+from p2pfl.config.loader import load
 from p2pfl.learning.local import build
-from p2pfl.scenario import load
+from p2pfl.protocol import wire
+
+pytestmark = pytest.mark.slow  # a launched run
 
 
 def header_maker(scenario: str, n_params: int, **base):
@@ -89,7 +93,7 @@ def test_bad_input_is_dropped_with_one_log_line_each(make_scenario, launch_run):
     rounds = 300  # rounds take milliseconds: enough for the messages to land mid-run
     scenario = make_scenario({"name": "badinput", "training": {"rounds": rounds}})
     s = load(scenario)
-    cases = bad_messages(s.digest(), build(s, 0).trainer.n_params)
+    cases = bad_messages(s.digest(), build(learning_spec(s), 0).trainer.n_params)
     run = launch_run(scenario)
     history = run.out / "peer-0.jsonl"
     wait_for_round(run, 0, 2, timeout=120)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from p2pfl.compare import build_report, render_table, write_outputs
+from p2pfl.app.compare import build_report, render_table, write_outputs
 
 STARTED = 1000.0
 

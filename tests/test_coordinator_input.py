@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 
 import numpy as np
 import zmq
@@ -11,10 +11,13 @@ from conftest import read_jsonl, send_all, wait_for
 from structlog.testing import capture_logs
 from test_bad_input import header_maker, wire_level
 
-from p2pfl import wire
-from p2pfl.coordinator import Coordinator, _Member
+from p2pfl.config.learning import learning_spec
+from p2pfl.config.loader import load
+from p2pfl.config.plan import server_plan
 from p2pfl.learning.local import build
-from p2pfl.scenario import load
+from p2pfl.protocol import wire
+from p2pfl.protocol.events import Received
+from p2pfl.protocol.fedavg_server import FedAvgServer
 
 ROUNDS = 400
 
@@ -41,7 +44,7 @@ def test_bad_input_to_the_server_is_dropped_and_the_run_completes(
         }
     )
     s = load(scenario)
-    n = build(s, 0).trainer.n_params
+    n = build(learning_spec(s), 0).trainer.n_params
     control, updates = s.coordinator_addresses()
     good = np.zeros(n, np.float32).tobytes()
     update = header_maker(s.digest(), n, type="update", sender=0, meta={"samples": 10})
@@ -88,31 +91,36 @@ def test_update_checks_in_the_server(make_scenario, tmp_path):
         {"name": "updates", "mode": "centralized", "topology": {"kind": "ring", "peers": 3}}
     )
     s = load(scenario)
+    plan = server_plan(s, tmp_path)
+    n = build(plan.learning, 0).trainer.n_params  # the model's size: the wire checks it
+    expect = wire.Expect(s.digest(), s.peers - 1, {"params": (n,)})
+    params = np.ones(n, np.float32)
+    c = FedAvgServer(dataclasses.replace(plan.server, fraction=0.5, min_peers=3), params, 0.0)
+
+    def feed(type_, sender, round_, meta, **kw):
+        arrays = {"params": params} if type_ == "update" else None
+        frames = wire.encode(type_, sender, round_, s.digest(), meta, arrays)
+        return c.feed(Received(wire.decode(frames, expect), **kw), 0.0)
+
+    for i in range(3):
+        feed("hello", i, 0, {}, origin=bytes([i]))
+    for i in c.open.sampled:
+        feed("update", i, 1, {"samples": 5})
+    c.close_round(params, 0.0)
+    c.tick(0.0)
+    assert c.round == 2 and len(c.open.sampled) == 2
+    ok, other = c.open.sampled  # sampled in round 2, and the one that is not:
+    (out,) = {0, 1, 2} - {ok, other}
     with capture_logs() as logs:
-        c = Coordinator(s, tmp_path)
-        try:
-            now = time.monotonic()
-            c.members = {i: _Member(bytes([i]), now, 0) for i in range(3)}
-            c.round, c.closed, c.sampled = 2, 1, [0, 2]
-            params = np.ones(c.expect.shapes["params"], np.float32)
-
-            def update(sender, round_, meta):
-                frames = wire.encode("update", sender, round_, s.digest(), meta, {"params": params})
-                c._on_update(wire.decode(frames, c.expect))
-
-            update(1, 2, {"samples": 5})
-            update(0, 2, {"samples": 0})
-            update(0, 2, {"samples": True})
-            update(0, 2, {"samples": 5, "loss": "0.1"})
-            update(0, 2, {"samples": 5, "loss": math.inf})
-            update(0, 1, {"samples": 5})
-            update(0, 2, {"samples": 5, "loss": 0.25})
-            update(0, 2, {"samples": 5, "loss": 0.25})
-            update(2, 3, {"samples": 5})
-            c.sampled = []  # between rounds: nothing is open
-            update(2, 2, {"samples": 5})
-        finally:
-            c.close()
+        feed("update", out, 2, {"samples": 5})
+        feed("update", ok, 2, {"samples": 0})
+        feed("update", ok, 2, {"samples": True})
+        feed("update", ok, 2, {"samples": 5, "loss": "0.1"})
+        feed("update", ok, 2, {"samples": 5, "loss": math.inf})
+        feed("update", ok, 1, {"samples": 5})
+        feed("update", ok, 2, {"samples": 5, "loss": 0.25})
+        feed("update", ok, 2, {"samples": 5, "loss": 0.25})
+        feed("update", other, 3, {"samples": 5})
     reasons = [e["reason"] for e in logs if e["event"] == "message_dropped"]
     assert reasons == [
         "update from a peer not sampled this round",
@@ -122,7 +130,7 @@ def test_update_checks_in_the_server(make_scenario, tmp_path):
         "meta.loss is not a finite float",
         "duplicate update for this round",
         "update for round 3, the open round is 2",
-        "update for round 2, the open round is none",
     ]
-    assert [e["sender"] for e in logs if e["event"] == "late_update"] == [0]
-    assert list(c.updates) == [0] and c.updates[0].samples == 5 and c.updates[0].loss == 0.25
+    assert [e["sender"] for e in logs if e["event"] == "late_update"] == [ok]
+    assert list(c.open.updates) == [ok]
+    assert c.open.updates[ok].samples == 5 and c.open.updates[ok].loss == 0.25

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import free_base_port, read_jsonl, to_toml
 
+pytestmark = pytest.mark.slow  # one process per host
+
 
 def blobs(rng: np.random.Generator, n: int, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Well-separated Gaussian classes: an easy task every peer can learn."""

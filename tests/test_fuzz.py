@@ -18,9 +18,12 @@ from conftest import read_jsonl, wait_for, wait_for_round
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from p2pfl import wire
+from p2pfl.config.learning import learning_spec
+from p2pfl.config.loader import load
 from p2pfl.learning.local import build
-from p2pfl.scenario import load
+from p2pfl.protocol import wire
+
+pytestmark = pytest.mark.slow  # a live peer and coordinator
 
 MESSAGES = 10_000  # per live target
 GENERATED = 0.05  # the share drawn whole by hypothesis; the rest mutate valid messages
@@ -201,7 +204,7 @@ def fuzz_scenario(make_scenario, name, **overrides):
         | {"training": training, **overrides}
     )
     s = load(scenario)
-    return scenario, s, build(s, 0).trainer.n_params
+    return scenario, s, build(learning_spec(s), 0).trainer.n_params
 
 
 def finished(run, log, sent):

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import zmq
 from conftest import read_jsonl
 from test_faults import finished
 
-from p2pfl.launch import free_base_port
-from p2pfl.transport import SEND_HWM, Ticker, Transport
+from p2pfl.app.launch import free_base_port
+from p2pfl.net.sockets import SEND_HWM
+from p2pfl.net.transport import Transport
+from p2pfl.runtime.ticker import Ticker
+
+pytestmark = pytest.mark.slow  # real sockets and threads
 
 
 def test_a_slow_but_alive_neighbour_is_waited_for_not_declared_gone(make_scenario, launch_run):

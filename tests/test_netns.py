@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, merge, read_jsonl, to_toml
 
+pytestmark = pytest.mark.slow  # peer processes in network namespaces
+
 PEERS, ROUNDS, PORT = 8, 40, 27000  # one port for all: every peer has its own stack
 RATE_BYTES_S = 10e6 / 8  # 10 Mbit/s
 # A round takes ~0.1-0.3 s here and a lost model is waited for until round_timeout_s,

@@ -9,6 +9,8 @@ import pytest
 
 import p2pfl
 
+pytestmark = pytest.mark.slow  # a fresh interpreter per check
+
 
 def test_public_surface_is_curated():
     """Only the listed names are public; private helpers stay private."""
@@ -22,12 +24,12 @@ def test_public_surface_is_curated():
     ("module", "absent"),
     [
         # the CLI must stay light: peers pay only for what they use
-        ("p2pfl.cli", ("jax", "matplotlib", "rich", "optax", "sklearn")),
+        ("p2pfl.app.cli", ("jax", "matplotlib", "rich", "optax", "sklearn")),
         # the peer's modules need JAX, not plotting (structlog pulls in rich)
-        ("p2pfl.peer", ("matplotlib", "sklearn")),
-        ("p2pfl.client", ("matplotlib", "sklearn")),
-        ("p2pfl.coordinator", ("jax", "matplotlib", "sklearn")),  # JAX only as a server
-        ("p2pfl.compare", ("matplotlib", "rich", "jax")),
+        ("p2pfl.runtime.peer", ("matplotlib", "sklearn")),
+        ("p2pfl.runtime.client", ("matplotlib", "sklearn")),
+        ("p2pfl.runtime.coordinator", ("jax", "matplotlib", "sklearn")),  # JAX only as a server
+        ("p2pfl.app.compare", ("matplotlib", "rich", "jax")),
     ],
 )
 def test_imports_stay_light(module, absent):

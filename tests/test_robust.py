@@ -8,18 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from p2pfl.gossip import mix, weighted_mean
-from p2pfl.robust import (
+from p2pfl.core.aggregators import (
     GOSSIP_AGGREGATORS,
     SERVER_AGGREGATORS,
     adaptive_tau,
     coordinate_median,
-    gossip_aggregate,
+    gossip_aggregator,
     krum,
     self_centred_clip,
-    server_aggregate,
+    server_aggregator,
     trimmed_mean,
 )
+from p2pfl.core.mixing import fedavg_step, gossip_step
 
 PROPERTY = settings(max_examples=150, deadline=None, database=None)
 
@@ -47,7 +47,18 @@ def _honest_with_outliers(draw):
     return honest, stack[list(order)], f
 
 
-def _check_output(out: np.ndarray, d: int) -> None:
+def gossip_aggregate(name, own, received, weights, **settings):
+    """The registry's gossip rule for `name`, applied once: its new model."""
+    return gossip_aggregator(name, **settings)(own, received, weights).params
+
+
+def server_aggregate(name, updates, weights, **settings):
+    """The registry's server rule for `name`, applied once."""
+    return server_aggregator(name, **settings)(updates, weights)
+
+
+def _check_output(out, d: int) -> None:
+    out = np.asarray(out)
     assert out.dtype == np.float32
     assert out.shape == (d,)
     assert np.isfinite(out).all()
@@ -190,13 +201,13 @@ def test_clipping_with_a_huge_tau_is_the_plain_mix(case):
     np.testing.assert_allclose(out, expected.astype(np.float32), rtol=1e-6, atol=1e-6)
 
 
-def test_clipping_with_a_huge_tau_agrees_with_gossip_mix():
-    """Unclipped, self-centred clipping is gossip.mix's weighted average."""
+def test_clipping_with_a_huge_tau_agrees_with_gossip_step():
+    """Unclipped, self-centred clipping is gossip_step's weighted average."""
     rng = np.random.default_rng(1)
     own = rng.standard_normal(50).astype(np.float32)
     received = rng.standard_normal((3, 50)).astype(np.float32)
     weights = np.array([0.25, 0.25, 0.2])
-    expected = mix(own, dict(enumerate(received)), dict(enumerate(weights))).params
+    expected = gossip_step(own, received, weights.astype(np.float32)).params
     out = self_centred_clip(own, received, weights, 1e30)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -272,7 +283,7 @@ def test_outputs_are_finite_float32_vectors(name, stack):
         (lambda: server_aggregate("krum", np.ones((3, 2)), np.ones(2), trim=0, f=0), "length 3"),
         (
             lambda: gossip_aggregate("median", np.ones(2), np.ones((1, 3)), [1.0], trim=0, tau=1),
-            "received",
+            "neighbours",
         ),
     ],
 )
@@ -291,9 +302,9 @@ def stack():
     return rng.standard_normal((5, 7)).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", [n for n in GOSSIP_AGGREGATORS if n != "mean"])
+@pytest.mark.parametrize("name", GOSSIP_AGGREGATORS)
 def test_every_gossip_aggregator_runs(name, stack):
-    """Each gossip rule but "mean" aggregates own plus four received into a float32 [d]."""
+    """Each gossip rule aggregates own plus four received into a float32 [d]."""
     out = gossip_aggregate(name, stack[0], stack[1:], np.full(4, 0.2), trim=1, tau=1.0)
     _check_output(out, 7)
 
@@ -304,7 +315,7 @@ def test_every_server_aggregator_runs(name, stack):
     _check_output(server_aggregate(name, stack, np.arange(1.0, 6.0), trim=1, f=1), 7)
 
 
-@pytest.mark.parametrize("name", [n for n in GOSSIP_AGGREGATORS if n != "mean"])
+@pytest.mark.parametrize("name", GOSSIP_AGGREGATORS)
 def test_agreement_is_a_fixed_point_of_every_gossip_rule(name):
     """When every model is the same, each gossip rule returns it unchanged."""
     row = np.array([0.5, -3.0, 7.25], np.float32)
@@ -320,24 +331,25 @@ def test_agreement_is_a_fixed_point_of_every_server_rule(name):
     np.testing.assert_array_equal(out, row)
 
 
-def test_gossip_mean_is_left_to_gossip_mix(stack):
-    """The plain mean is refused: the peer keeps gossip.mix's exact float64 path for it."""
-    with pytest.raises(ValueError, match=r"gossip\.mix"):
-        gossip_aggregate("mean", stack[0], stack[1:], np.full(4, 0.2), trim=1, tau=1.0)
+def test_the_plain_means_are_the_core_steps():
+    """The registry's "mean" is gossip_step for a peer and fedavg_step for the server."""
+    assert gossip_aggregator("mean", trim=1, tau=1.0) is gossip_step
+    assert server_aggregator("mean", trim=1, f=1) is fedavg_step
 
 
 @pytest.mark.parametrize(
     "call",
     [
-        lambda x: gossip_aggregate("krum", x[0], x[1:], np.ones(4), trim=1, tau=1.0),
-        lambda x: server_aggregate("clipping", x, np.ones(5), trim=1, f=1),
-        lambda x: server_aggregate("Median", x, np.ones(5), trim=1, f=1),
+        lambda: gossip_aggregator("krum", trim=1, tau=1.0),
+        lambda: server_aggregator("clipping", trim=1, f=1),
+        lambda: server_aggregator("Median", trim=1, f=1),
     ],
 )
-def test_unknown_names_list_the_allowed_ones(call, stack):
-    """A name outside the registry raises ValueError listing every allowed name."""
+def test_unknown_names_list_the_allowed_ones(call):
+    """A name outside the registry raises ValueError listing every allowed name, when the
+    rule is built (once, from the config), not on its first round."""
     with pytest.raises(ValueError, match="unknown") as info:
-        call(stack)
+        call()
     allowed = GOSSIP_AGGREGATORS if "gossip" in str(info.value) else SERVER_AGGREGATORS
     assert all(name in str(info.value) for name in allowed)
 
@@ -382,12 +394,14 @@ def test_server_krum_with_two_updates_falls_back_to_the_median():
     np.testing.assert_array_equal(out, [2.0, 4.0])
 
 
-def test_server_mean_matches_gossip_weighted_mean_bit_for_bit(stack):
-    """The FedAvg rule is gossip.weighted_mean's arithmetic: equal to the last bit."""
+def test_server_mean_is_the_weighted_fedavg(stack):
+    """The FedAvg rule is sum w_j x_j / sum w_j, to float32 rounding of the float64 value,
+    and bit for bit fedavg_step (it is that function)."""
     weights = np.array([3.0, 1.0, 7.0, 2.0, 5.0])
-    out = server_aggregate("mean", stack, weights, trim=0, f=0)
-    expected = weighted_mean(dict(enumerate(stack)), dict(enumerate(weights.tolist())))
-    np.testing.assert_array_equal(out, expected)
+    out = np.asarray(server_aggregate("mean", stack, weights, trim=0, f=0))
+    expected = np.average(stack.astype(np.float64), axis=0, weights=weights)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out, np.asarray(fedavg_step(stack, weights)))
 
 
 def test_adaptive_tau_clips_the_farthest_share_of_the_weight():

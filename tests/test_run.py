@@ -11,8 +11,8 @@ import numpy as np
 import psutil
 from conftest import read_jsonl, wait_for_round
 
-from p2pfl.scenario import load
-from p2pfl.topology import build_graph, mixing_matrix, slem
+from p2pfl.config.loader import load
+from p2pfl.core.graphs import build_graph, mixing_matrix, slem
 
 RECORD_FIELDS = {
     "round",
@@ -82,9 +82,12 @@ def test_gossip_averaging_contracts_by_lambda_per_round(make_scenario, launch_ru
     assert rc == 0, output
     s = load(scenario)
 
+    from p2pfl.config.learning import learning_spec
     from p2pfl.learning.local import build
 
-    x0 = np.stack([np.asarray(build(s, i).state.params) for i in range(s.peers)]).astype(np.float64)
+    spec = learning_spec(s)
+    x0 = np.stack([np.asarray(build(spec, i).state.params) for i in range(s.peers)])
+    x0 = x0.astype(np.float64)
     xr = np.stack([np.load(run.out / "models" / f"peer-{i}.npz")["params"] for i in range(s.peers)])
     mean0, mean_r = x0.mean(0), xr.astype(np.float64).mean(0)
     lam = slem(mixing_matrix(build_graph(s.topology), "metropolis"))
@@ -149,7 +152,7 @@ def test_launch_refuses_ports_in_use(make_scenario, tmp_path, capfd):
     """A port already taken stops the launch before any peer starts, naming the address."""
     import socket
 
-    from p2pfl.cli import main
+    from p2pfl.app.cli import main
 
     scenario = make_scenario({"name": "busy"})
     s = load(scenario)
@@ -166,7 +169,7 @@ def test_launch_refuses_ports_in_use(make_scenario, tmp_path, capfd):
 
 def test_launch_refuses_to_clean_a_folder_that_is_not_a_run(make_scenario, tmp_path, capfd):
     """`--out` pointing at a user's folder with other files is refused, and nothing is deleted."""
-    from p2pfl.cli import main
+    from p2pfl.app.cli import main
 
     scenario = make_scenario({"name": "notarun"})
     folder = tmp_path / "project"

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2pfl.cli import main
-from p2pfl.scenario import Scenario, ScenarioError, load, parse
-from p2pfl.topology import build_graph
+from p2pfl.app.cli import main
+from p2pfl.config.loader import load, parse
+from p2pfl.config.schema import Scenario, ScenarioError
+from p2pfl.core.graphs import build_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.toml"))
@@ -421,7 +422,7 @@ def test_npz_labels_must_fit_data_classes(tmp_path):
 
 def test_dumps_round_trips_every_scenario(tmp_path):
     """`scenario.dumps` writes TOML that loads back to the same scenario (None fields omitted)."""
-    from p2pfl.scenario import dumps
+    from p2pfl.config.schema import dumps
 
     for path in sorted((ROOT / "scenarios").glob("*.toml")):
         original = load(path)

@@ -1,4 +1,5 @@
-"""Mixing maths: Metropolis-Hastings weights, spectral figures, `p2pfl topology`, gossip.mix."""
+"""Mixing maths: Metropolis-Hastings weights, spectral figures, `p2pfl topology`, and one
+peer's mix of what arrived (the core step over its stacked neighbourhood)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from p2pfl import wire
-from p2pfl.cli import main
-from p2pfl.gossip import mix, weighted_mean
-from p2pfl.scenario import Topology
-from p2pfl.topology import (
+from p2pfl.app.cli import main
+from p2pfl.config.schema import Topology
+from p2pfl.core.graphs import (
     build_graph,
     local_weights,
     metropolis_weight,
@@ -22,7 +21,9 @@ from p2pfl.topology import (
     report,
     slem,
 )
-from p2pfl.wire import Chunked
+from p2pfl.core.mixing import fedavg_step, gossip_step, stack_neighbourhood
+from p2pfl.protocol import wire
+from p2pfl.protocol.wire import Chunked
 
 # One topology of every kind, each with enough peers to be non-trivial.
 KINDS = {
@@ -238,7 +239,22 @@ def test_topology_png(tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
-# ---- gossip.mix: one peer's mixing of what arrived ----
+# ---- one peer's mixing of what arrived: the core step over its neighbourhood ----
+
+
+def mix(own, received, weights):
+    """A peer's mix as the runtime computes it: every neighbour `weights` names, stacked
+    in id order (zero rows for those not heard), through the core gossip step."""
+    stack, w = stack_neighbourhood(sorted(weights), received, weights, np.size(own))
+    out = gossip_step(np.ravel(own), stack, w)
+    return np.asarray(out.params).reshape(np.shape(own)), float(out.disagreement)
+
+
+def weighted_mean(models, weights):
+    """The server's FedAvg over the models in id order."""
+    ids = sorted(models)
+    stack = np.stack([np.ravel(np.asarray(models[j])) for j in ids]) if ids else np.zeros((0, 1))
+    return np.asarray(fedavg_step(stack, np.array([weights[j] for j in ids])))
 
 
 def test_mix_with_all_neighbours_is_the_row_of_w():
@@ -246,10 +262,10 @@ def test_mix_with_all_neighbours_is_the_row_of_w():
     own = np.array([1.0, 2.0], np.float32)
     received = {1: np.array([3.0, 0.0], np.float32), 2: np.array([-1.0, 4.0], np.float32)}
     weights = {1: 0.25, 2: 0.5}
-    out = mix(own, received, weights)
+    params, _ = mix(own, received, weights)
     expected = 0.25 * own + 0.25 * received[1] + 0.5 * received[2]
-    np.testing.assert_allclose(out.params, expected, rtol=1e-6)
-    assert out.params.dtype == np.float32
+    np.testing.assert_allclose(params, expected, rtol=1e-6)
+    assert params.dtype == np.float32
 
 
 def test_mix_missing_neighbour_weight_stays_with_self():
@@ -257,24 +273,24 @@ def test_mix_missing_neighbour_weight_stays_with_self():
     own = np.array([1.0, 1.0], np.float32)
     received = {1: np.array([5.0, -3.0], np.float32)}
     weights = {1: 0.3, 2: 0.3}
-    out = mix(own, received, weights)
-    np.testing.assert_allclose(out.params, 0.7 * own + 0.3 * received[1], rtol=1e-6)
+    params, _ = mix(own, received, weights)
+    np.testing.assert_allclose(params, 0.7 * own + 0.3 * received[1], rtol=1e-6)
 
 
 def test_mix_with_nothing_received_keeps_own_model():
     """With no neighbour heard, the model is unchanged and disagreement is zero."""
     own = np.arange(4, dtype=np.float32)
-    out = mix(own, {}, {1: 0.5})
-    np.testing.assert_array_equal(out.params, own)
-    assert out.disagreement == 0.0
+    params, disagreement = mix(own, {}, {1: 0.5})
+    np.testing.assert_array_equal(params, own)
+    assert disagreement == 0.0
 
 
 def test_mix_disagreement_is_distance_to_local_mean():
     """disagreement = ‖own - mean(own and received)‖."""
     own = np.array([0.0, 0.0], np.float32)
     received = {1: np.array([2.0, 0.0], np.float32), 2: np.array([4.0, 3.0], np.float32)}
-    out = mix(own, received, {1: 0.2, 2: 0.2})
-    assert out.disagreement == pytest.approx(float(np.linalg.norm([2.0, 1.0])))
+    _, disagreement = mix(own, received, {1: 0.2, 2: 0.2})
+    assert disagreement == pytest.approx(float(np.linalg.norm([2.0, 1.0])))
 
 
 def _in_chunks(x: np.ndarray, *cuts: int) -> Chunked:
@@ -292,12 +308,12 @@ def test_mix_of_chunked_models_equals_mix_of_joined_ones():
     weights = {1: 0.2, 2: 0.25, 3: 0.1, 4: 0.2}
     chunked = {1: _in_chunks(received[1], 4), 2: _in_chunks(received[2], 1, 5, 10), 3: received[3]}
     a, b = mix(own, chunked, weights), mix(own, received, weights)
-    np.testing.assert_array_equal(a.params, b.params)
-    assert a.disagreement == b.disagreement
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
     expected = 0.45 * own + 0.2 * received[1] + 0.25 * received[2] + 0.1 * received[3]  # 4 unheard
-    np.testing.assert_allclose(a.params, expected, rtol=1e-6)
+    np.testing.assert_allclose(a[0], expected, rtol=1e-6)
     mean = (own.astype(np.float64) + sum(received.values())) / 4
-    assert a.disagreement == pytest.approx(float(np.linalg.norm(own - mean)))
+    assert a[1] == pytest.approx(float(np.linalg.norm(own - mean)), rel=1e-6)
 
 
 def test_mix_of_a_decoded_multi_frame_model():
@@ -308,9 +324,9 @@ def test_mix_of_a_decoded_multi_frame_model():
     frames = wire.encode("model", 1, 1, "s", {"degree": 2}, {"params": theirs})
     got = wire.decode(frames, wire.Expect("s", 1, {"params": (n,)})).arrays["params"]
     assert len(got.chunks) == 3
-    out = mix(own, {1: got}, {1: 0.5})
-    np.testing.assert_array_equal(out.params, mix(own, {1: theirs}, {1: 0.5}).params)
-    np.testing.assert_allclose(out.params, (own + theirs) / 2, rtol=1e-6, atol=1e-7)
+    params, _ = mix(own, {1: got}, {1: 0.5})
+    np.testing.assert_array_equal(params, mix(own, {1: theirs}, {1: 0.5})[0])
+    np.testing.assert_allclose(params, (own + theirs) / 2, rtol=1e-6, atol=1e-7)
 
 
 def test_mix_refuses_a_model_of_another_size():
@@ -336,7 +352,8 @@ def test_weighted_mean_is_fedavg_and_reads_chunked_models():
 
 
 def test_weighted_mean_on_a_full_graph_equals_every_peers_mix():
-    """Full graph: each peer's Metropolis mix is bit for bit the uniform FedAvg of all models."""
+    """Full graph: each peer's Metropolis mix is the uniform FedAvg of all models, to float32
+    rounding (the two steps sum in float32, in different orders: 1 ulp here)."""
     rng = np.random.default_rng(10)
     n = 8
     x = rng.normal(size=(n, 50)).astype(np.float32)
@@ -344,13 +361,13 @@ def test_weighted_mean_on_a_full_graph_equals_every_peers_mix():
     fedavg = weighted_mean(dict(enumerate(x)), dict.fromkeys(range(n), 1.0))
     for i in range(n):
         weights = local_weights("metropolis", n - 1, {j: n - 1 for j in g[i]})
-        mixed = mix(x[i], {j: x[j] for j in g[i]}, weights).params
-        np.testing.assert_array_equal(mixed, fedavg)
+        mixed, _ = mix(x[i], {j: x[j] for j in g[i]}, weights)
+        np.testing.assert_allclose(mixed, fedavg, rtol=0, atol=1e-6)
 
 
 def test_weighted_mean_refuses_nothing_and_zero_weights():
     """No model, or weights summing to zero, is an error rather than a silent NaN."""
-    with pytest.raises(ValueError, match="no models"):
+    with pytest.raises(ValueError, match="non-empty"):
         weighted_mean({}, {})
     with pytest.raises(ValueError, match="weights sum"):
         weighted_mean({1: np.ones(2, np.float32)}, {1: 0.0})
@@ -363,7 +380,7 @@ def _network_round(g: nx.Graph, x: np.ndarray, dropped: set[tuple[int, int]]) ->
         degs = {j: g.degree[j] for j in g[i]}
         weights = local_weights("metropolis", g.degree[i], degs)
         heard = {j: x[j] for j in g[i] if (min(i, j), max(i, j)) not in dropped}
-        out[i] = mix(x[i], heard, weights).params
+        out[i] = mix(x[i], heard, weights)[0]
     return out
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pfl import wire
-from p2pfl.wire import MAX_FRAME_BYTES, Chunked, Expect, WireError, decode, encode
+from p2pfl.protocol import wire
+from p2pfl.protocol.wire import MAX_FRAME_BYTES, Chunked, Expect, WireError, decode, encode
 
 SCENARIO = "0123456789abcdef"
 N = 10
@@ -375,6 +375,60 @@ def test_non_finite_in_any_frame_of_any_split_is_refused(frames):
     """However the array is cut into frames, a NaN or ±Inf in any of them is refused."""
     with pytest.raises(WireError, match="NaN or Inf"):
         decode(frames, _SPLIT)
+
+
+# ---- the fused finiteness check and its exact fallback ----
+
+_F32 = np.finfo(np.float32)
+_HUGE = [_F32.max, -_F32.max, 1e20, -1e20, 2e19]  # finite, but their squares overflow float32
+_element = st.floats(width=32) | st.sampled_from([*_HUGE, np.nan, np.inf, -np.inf])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(_element, max_size=70))
+def test_all_finite_is_exactly_isfinite_all(values):
+    """The fused check agrees with `np.isfinite(x).all()` on any float32 array, empty too."""
+    x = np.array(values, np.float32)
+    assert wire._all_finite(x) is bool(np.isfinite(x).all())
+
+
+def _overflowing(n: int) -> np.ndarray:
+    """A finite array of ±float32 max, whose sum of squares overflows in every frame."""
+    return np.where(np.arange(n) % 2 == 0, _F32.max, -_F32.max).astype(np.float32)
+
+
+def test_finite_model_whose_fused_sum_overflows_is_accepted():
+    """Every frame's sum of squares is +Inf, yet all values are finite: the fallback keeps it."""
+    params = _overflowing(_MULTI_N)
+    for chunk in np.split(params, [_FRAME_N, 2 * _FRAME_N]):
+        with np.errstate(over="ignore"):
+            assert not math.isfinite(np.dot(chunk, chunk))  # so the exact check decides
+    msg = decode(encode("model", 1, 2, SCENARIO, arrays={"params": params}), _MULTI)
+    np.testing.assert_array_equal(msg.arrays["params"], params)
+
+
+@pytest.mark.parametrize("value", list(_NON_FINITE.values()), ids=list(_NON_FINITE))
+@pytest.mark.parametrize(
+    "pos",
+    [_POSITIONS[k] for k in ("first element", "middle of frame 2", "last element")],
+    ids=["first", "middle", "last"],
+)
+def test_non_finite_among_overflowing_values_is_refused(pos, value):
+    """A NaN or ±Inf hidden among finite values that overflow the fused sum: still refused."""
+    params = _overflowing(_MULTI_N)
+    params[pos] = value
+    with pytest.raises(WireError, match="NaN or Inf"):
+        decode(encode("model", 1, 2, SCENARIO, arrays={"params": params}), _MULTI)
+
+
+@pytest.mark.parametrize("value", list(_NON_FINITE.values()), ids=list(_NON_FINITE))
+@pytest.mark.parametrize("pos", [0, N // 2, N - 1], ids=["first", "middle", "last"])
+def test_non_finite_in_a_single_frame_is_refused(pos, value):
+    """NaN, -NaN, +Inf or -Inf as the first, a middle or the last of one frame: WireError."""
+    params = np.linspace(-1, 1, N, dtype=np.float32)
+    params[pos] = value
+    with pytest.raises(WireError, match="NaN or Inf"):
+        decode(encode("model", 1, 2, SCENARIO, arrays={"params": params}), EXPECT)
 
 
 def test_bad_input_table_starts_from_a_good_message():

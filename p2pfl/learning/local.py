@@ -1,34 +1,104 @@
-"""A peer's learning set-up from the scenario: its data shard, model, trainer, first state."""
+"""A peer's learning set-up from plain settings: its padded data shards, model, trainer, state.
+
+The settings are frozen dataclasses (`DataSpec`, `ModelSpec`, `TrainSpec`, together a
+`LearningSpec`); `p2pfl.config.learning.learning_spec` makes them from a scenario.
+Every peer pads its train and test split to the largest of any peer's, computed from
+the split every peer can recompute, so all peers of a scenario share one compiled
+train step (see `p2pfl.learning.trainer`).
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from p2pfl.learning import datasets, partition
+from p2pfl.core import streams
+from p2pfl.learning import datasets, exported, partition
 from p2pfl.learning.models import make_model
+from p2pfl.learning.partition import Partition
 from p2pfl.learning.trainer import (
     FlatParams,
+    ParamsLike,
+    Shard,
     Trainer,
     TrainState,
     make_optimizer,
     make_trainer,
+    pad_shard,
+    with_params,
 )
-from p2pfl.scenario import Scenario
+
+DatasetName = Literal["digits", "breast_cancer", "mnist5k", "synthetic", "npz"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a peer's samples come from and how the dataset is split among the peers."""
+
+    dataset: DatasetName
+    peers: int
+    seed: int
+    partition: Partition = "iid"
+    alpha: float = 0.5  # dirichlet concentration
+    shards_per_peer: int = 2  # shards partition
+    test_fraction: float = 0.2  # the common holdout's share of the dataset
+    peer_test_fraction: float = 0.2  # each peer's own test share of its shard
+    synthetic_samples: int = 2000
+    synthetic_features: int = 20
+    synthetic_classes: int = 4
+    # npz: an absolute path template with "{id}" for the peer id, the common holdout
+    # file (absolute) and the label count every peer's model has
+    path: str = ""
+    holdout: Path | None = None
+    classes: int | None = None
+
+    def peer_path(self, peer_id: int) -> Path:
+        """Peer `peer_id`'s own npz file."""
+        return Path(self.path.format(id=peer_id))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model every peer builds, and whether peers share its initial parameters."""
+
+    kind: Literal["logreg", "mlp", "cnn"] = "mlp"
+    hidden: tuple[int, ...] = (64,)
+    init: Literal["shared", "per_peer"] = "shared"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Local training: optimizer and the shape of a round's epochs."""
+
+    optimizer: str = "adam"
+    learning_rate: float = 0.005
+    batch_size: int = 32
+    local_epochs: int = 2
+
+
+@dataclass(frozen=True)
+class LearningSpec:
+    """Everything that decides what a peer learns."""
+
+    data: DataSpec
+    model: ModelSpec
+    train: TrainSpec
 
 
 class LocalData(NamedTuple):
-    """A peer's own train/test split and the common holdout (device arrays)."""
+    """A peer's own train/test split and the common holdout, padded to shared shapes."""
 
-    x_train: jax.Array
-    y_train: jax.Array
-    x_test: jax.Array
-    y_test: jax.Array
-    x_holdout: jax.Array | None
-    y_holdout: jax.Array | None
+    train: Shard
+    test: Shard
+    holdout: Shard | None
+    n_train: int  # real training samples (the peer's FedAvg weight)
 
 
 class Local(NamedTuple):
@@ -40,9 +110,8 @@ class Local(NamedTuple):
     n_classes: int
 
 
-def load_dataset(s: Scenario, peer_id: int) -> datasets.Dataset:
-    """The whole dataset the scenario names (for npz: this peer's own file)."""
-    d = s.data
+def load_dataset(d: DataSpec, peer_id: int) -> datasets.Dataset:
+    """The whole dataset the spec names (for npz: this peer's own file)."""
     if d.dataset == "digits":
         return datasets.digits()
     if d.dataset == "breast_cancer":
@@ -51,68 +120,215 @@ def load_dataset(s: Scenario, peer_id: int) -> datasets.Dataset:
         return datasets.mnist5k()
     if d.dataset == "synthetic":
         return datasets.synthetic(
-            d.synthetic_samples, d.synthetic_features, d.synthetic_classes, s.seed
+            d.synthetic_samples, d.synthetic_features, d.synthetic_classes, d.seed
         )
-    return datasets.npz(s.resolve(d.path.format(id=peer_id)), d.classes)
+    return datasets.npz(d.peer_path(peer_id), d.classes or 0)
 
 
-def peer_data(s: Scenario, peer_id: int) -> tuple[LocalData, datasets.Dataset]:
-    """This peer's shard (derived from dataset, partition, seed and id) and the holdout."""
-    ds = load_dataset(s, peer_id)
-    d = s.data
+def _split(d: DataSpec, ds: datasets.Dataset) -> partition.Split:
+    return partition.split(
+        ds.y, d.peers, d.partition, d.seed, d.test_fraction, d.alpha, d.shards_per_peer
+    )
+
+
+def _bucket(n: int) -> int:
+    """The padded length of an npz peer's split: the next power of two.
+
+    npz peers cannot know each other's sizes; peers of similar size still share shapes.
+    """
+    return 1 << max(0, n - 1).bit_length()
+
+
+def peer_data(
+    d: DataSpec, peer_id: int, label_flip: bool = False
+) -> tuple[LocalData, datasets.Dataset]:
+    """This peer's shard (derived from dataset, partition, seed and id) and the holdout.
+
+    With `label_flip` (a Byzantine peer) its training labels are flipped.
+    """
+    ds = load_dataset(d, peer_id)
+    holdout: Shard | None
     if d.dataset == "npz":
         train, test = partition.train_test(
-            np.arange(len(ds.y)), d.peer_test_fraction, s.seed, peer_id
+            np.arange(len(ds.y)), d.peer_test_fraction, d.seed, peer_id
         )
+        n_train, n_test = _bucket(len(train)), _bucket(len(test))
+        holdout = None
         if d.holdout is not None:
-            hold = datasets.npz(s.resolve(d.holdout), ds.n_classes)
-            xh, yh = jnp.asarray(hold.x), jnp.asarray(hold.y)
-        else:
-            xh = yh = None
+            hold = datasets.npz(d.holdout, ds.n_classes)
+            holdout = pad_shard(hold.x, hold.y)
     else:
-        split = partition.split(
-            ds.y, s.peers, d.partition, s.seed, d.test_fraction, d.alpha, d.shards_per_peer
-        )
+        split = _split(d, ds)
         train, test = partition.train_test(
-            split.shards[peer_id], d.peer_test_fraction, s.seed, peer_id
+            split.shards[peer_id], d.peer_test_fraction, d.seed, peer_id
         )
-        xh, yh = jnp.asarray(ds.x[split.holdout]), jnp.asarray(ds.y[split.holdout])
+        n_train, n_test = partition.padded_sizes(
+            [len(s) for s in split.shards], d.peer_test_fraction
+        )
+        holdout = pad_shard(ds.x[split.holdout], ds.y[split.holdout])
+    y_train = ds.y[train]
+    if label_flip:
+        from p2pfl.core.attacks import flip_labels
+
+        y_train = flip_labels(y_train, ds.n_classes)
     data = LocalData(
-        jnp.asarray(ds.x[train]),
-        jnp.asarray(ds.y[train]),
-        jnp.asarray(ds.x[test]),
-        jnp.asarray(ds.y[test]),
-        xh,
-        yh,
+        pad_shard(ds.x[train], y_train, n_train),
+        pad_shard(ds.x[test], ds.y[test], n_test),
+        holdout,
+        len(train),
     )
     return data, ds
 
 
-SHARED_INIT_STREAM = 2**31 - 1  # PRNG stream of the shared initial model
-TRAIN_STREAM_BASE = 2**30  # peer i shuffles with stream TRAIN_STREAM_BASE + i
-
-
-def random_streams(s: Scenario, peer_id: int) -> tuple[int, int]:
+def random_streams(m: ModelSpec, peer_id: int) -> tuple[int, int]:
     """(init stream, training stream): init is shared by all peers unless `init = per_peer`."""
-    init = peer_id if s.model.init == "per_peer" else SHARED_INIT_STREAM
-    return init, TRAIN_STREAM_BASE + peer_id
+    init = peer_id if m.init == "per_peer" else streams.SHARED_INIT
+    return init, streams.TRAIN_BASE + peer_id
 
 
-def evaluate(trainer: Trainer, params: FlatParams, d: LocalData) -> tuple[float, float | None]:
+def _eval_sets(d: LocalData) -> tuple[Shard, ...]:
+    return (d.test,) if d.holdout is None else (d.test, d.holdout)
+
+
+def evaluate(trainer: Trainer, params: ParamsLike, d: LocalData) -> tuple[float, float | None]:
     """(accuracy on the peer's own test split, accuracy on the common holdout or None)."""
-    sets: list[tuple[jax.Array, jax.Array]] = [(d.x_test, d.y_test)]
-    if d.x_holdout is not None and d.y_holdout is not None:
-        sets.append((d.x_holdout, d.y_holdout))
-    results = jax.device_get(trainer.evaluate_sets(params, tuple(sets)))
+    results = jax.device_get(trainer.evaluate_sets(params, _eval_sets(d)))
     return float(results[0][0]), float(results[1][0]) if len(results) > 1 else None
 
 
-def _trainer(s: Scenario, ds: datasets.Dataset, n_train: int) -> Trainer:
-    model = make_model(s.model.kind, ds.x.shape[1], ds.n_classes, s.model.hidden, ds.image_shape)
-    t = s.training
+def compile_steps(loc: Local) -> None:
+    """Compile `loc`'s train and evaluate steps for its shapes without running them.
+
+    With the persistent compile cache on, this fills it for every peer of the scenario
+    (they share the shapes), or loads the programs from it.
+    """
+    loc.trainer.train.lower(loc.state, loc.data.train).compile()  # type: ignore[attr-defined]
+    sets = _eval_sets(loc.data)
+    loc.trainer.evaluate_sets.lower(loc.state.params, sets).compile()  # type: ignore[attr-defined]
+
+
+def make_peer_trainer(spec: LearningSpec, ds: datasets.Dataset) -> Trainer:
+    """The trainer of the spec's model and optimizer for data shaped like `ds`."""
+    m, t = spec.model, spec.train
+    model = make_model(m.kind, ds.x.shape[1], ds.n_classes, m.hidden, ds.image_shape)
     return make_trainer(
-        model, make_optimizer(t.optimizer, t.learning_rate), n_train, t.batch_size, t.local_epochs
+        model, make_optimizer(t.optimizer, t.learning_rate), t.batch_size, t.local_epochs
     )
+
+
+def _program_settings(spec: LearningSpec, ds: datasets.Dataset) -> dict[str, Any]:
+    """What shapes the trainer's programs (besides their arguments): the key's settings."""
+    m = spec.model
+    return {
+        "model": {"kind": m.kind, "hidden": list(m.hidden)},  # `init` only picks a stream
+        "train": dataclasses.asdict(spec.train),
+        "features": int(ds.x.shape[1]),
+        "classes": ds.n_classes,
+        "image_shape": ds.image_shape,
+    }
+
+
+def _init_args(spec: LearningSpec, peer_id: int) -> tuple[int, int, int]:
+    return (spec.data.seed, *random_streams(spec.model, peer_id))
+
+
+def _served_trainer(
+    spec: LearningSpec,
+    ds: datasets.Dataset,
+    init_args: tuple[int, int, int],
+    train: Shard | None,
+    sets: tuple[Shard, ...],
+) -> Trainer:
+    """The trainer whose init, train (on shards like `train`) and evaluate_sets (on sets
+    like `sets`) run the exported programs of the store when it has them; anything else
+    runs the traced functions, traced on first use. Without any program: the traced
+    trainer itself.
+    """
+    traced = functools.cache(lambda: make_peer_trainer(spec, ds))
+    folder = exported.store()
+    settings = _program_settings(spec, ds)
+
+    def fallback(name: str) -> Callable[[], Callable[..., Any]]:
+        return lambda: getattr(traced(), name)
+
+    init_program = exported.load(folder, exported.key(settings, "init", init_args))
+    if init_program is None:
+        return traced()
+    # the state's pytree from the init program's results and the optimizer's own structure
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in init_program.out_avals]
+    opt = make_optimizer(spec.train.optimizer, spec.train.learning_rate)
+    state_tree: Any = jax.tree_util.tree_structure(
+        TrainState(avals[0], jax.eval_shape(opt.init, avals[0]), avals[-1])  # type: ignore[arg-type]
+    )
+    if state_tree.num_leaves != len(avals):
+        return traced()
+    like = jax.tree_util.tree_unflatten(state_tree, avals)
+    init = exported.Program(fallback("init"), init_program, init_args, state_tree)
+    metrics_tree = jax.tree_util.tree_structure(tuple((0, 0) for _ in sets))
+    served = {
+        "train": None
+        if train is None
+        else exported.serve(
+            settings,
+            "train",
+            (like, train),
+            jax.tree_util.tree_structure((like, 0)),
+            fallback("train"),
+            folder,
+        ),
+        "evaluate_sets": exported.serve(
+            settings,
+            "evaluate_sets",
+            (like.params, sets),
+            metrics_tree,
+            fallback("evaluate_sets"),
+            folder,
+        ),
+    }
+    train_fn, evaluate_sets = (
+        served[name] or exported.Program(fallback(name)) for name in ("train", "evaluate_sets")
+    )
+    return Trainer(
+        init,
+        train_fn,
+        exported.Program(fallback("evaluate")),
+        evaluate_sets,
+        with_params,
+        int(avals[0].shape[0]),
+    )
+
+
+def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> None:
+    """Export peer `peer_id`'s init, train and evaluate programs (with `server`, the
+    server's evaluate too) into the store, then compile them as every peer calls them,
+    which fills the persistent compile cache with what the peers will load.
+
+    Every peer of a scenario whose shards have these shapes then skips tracing. Does
+    nothing beyond `compile_steps` when no persistent compile cache is on.
+    """
+    folder = exported.store()
+    data, ds = peer_data(spec.data, peer_id)
+    if folder is not None:
+        traced = make_peer_trainer(spec, ds)
+        settings = _program_settings(spec, ds)
+        args = _init_args(spec, peer_id)
+        like = jax.eval_shape(traced.init, *args)
+        programs: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = [
+            ("init", traced.init, args),
+            ("train", traced.train, (like, data.train)),
+            ("evaluate_sets", traced.evaluate_sets, (like.params, _eval_sets(data))),
+        ]
+        if server:
+            hold = _server_holdout(spec.data)[1]
+            programs.append(("evaluate_sets", traced.evaluate_sets, (like.params, (hold,))))
+        for name, fn, fn_args in programs:
+            k = exported.key(settings, name, fn_args)
+            exported.save(folder, k, exported.export_flat(fn, fn_args))
+    trainer = _served_trainer(spec, ds, _init_args(spec, peer_id), data.train, _eval_sets(data))
+    state = trainer.init(*_init_args(spec, peer_id))
+    compile_steps(Local(data, trainer, state, ds.n_classes))
+    if server:
+        compile_server_steps(build_server(spec))
 
 
 class Server(NamedTuple):
@@ -121,39 +337,44 @@ class Server(NamedTuple):
 
     trainer: Trainer  # only `init`, `evaluate_sets` and `n_params` are used
     params: FlatParams
-    holdout: tuple[jax.Array, jax.Array]
+    holdout: Shard
 
 
-def build_server(s: Scenario) -> Server:
-    """The server's side of the model: the shared initial parameters every peer starts from."""
-    if s.data.dataset == "npz":
-        if s.data.holdout is None:
-            raise ValueError("a centralized npz scenario needs data.holdout")
-        ds = datasets.npz(s.resolve(s.data.holdout), s.data.classes or 0)
-        xh, yh = ds.x, ds.y
-    else:
-        ds = load_dataset(s, 0)
-        d = s.data
-        split = partition.split(
-            ds.y, s.peers, d.partition, s.seed, d.test_fraction, d.alpha, d.shards_per_peer
-        )
-        xh, yh = ds.x[split.holdout], ds.y[split.holdout]
-    trainer = _trainer(s, ds, 1)
-    params = trainer.init(s.seed, SHARED_INIT_STREAM, TRAIN_STREAM_BASE).params
-    return Server(trainer, params, (jnp.asarray(xh), jnp.asarray(yh)))
+def build_server(spec: LearningSpec) -> Server:
+    """The server's side of the model: the shared initial parameters every peer starts from.
 
-
-def build(s: Scenario, peer_id: int) -> Local:
-    """Everything a peer needs to train, deterministic in (scenario, peer id).
-
-    A label_flip Byzantine peer (`[faults] byzantine`) trains on flipped labels.
+    Raises ValueError for npz data without a common holdout file.
     """
-    data, ds = peer_data(s, peer_id)
-    attack = s.byzantine(peer_id)
-    if attack is not None and attack.attack == "label_flip":
-        from p2pfl.faults import flip_labels
+    ds, holdout = _server_holdout(spec.data)
+    args = (spec.data.seed, streams.SHARED_INIT, streams.TRAIN_BASE)
+    trainer = _served_trainer(spec, ds, args, None, (holdout,))
+    return Server(trainer, trainer.init(*args).params, holdout)
 
-        flipped = flip_labels(np.asarray(data.y_train), ds.n_classes)
-        data = data._replace(y_train=jnp.asarray(flipped))
-    trainer = _trainer(s, ds, int(data.x_train.shape[0]))
-    return Local(data, trainer, trainer.init(s.seed, *random_streams(s, peer_id)), ds.n_classes)
+
+def _server_holdout(d: DataSpec) -> tuple[datasets.Dataset, Shard]:
+    """The dataset the server's model is shaped by, and the common holdout, padded."""
+    if d.dataset == "npz":
+        if d.holdout is None:
+            raise ValueError("a centralized npz scenario needs data.holdout")
+        ds = datasets.npz(d.holdout, d.classes or 0)
+        return ds, pad_shard(ds.x, ds.y)
+    ds = load_dataset(d, 0)
+    split = _split(d, ds)
+    return ds, pad_shard(ds.x[split.holdout], ds.y[split.holdout])
+
+
+def compile_server_steps(server: Server) -> None:
+    """Compile the server's evaluate step for its holdout, as `compile_steps` does a peer's."""
+    evaluate = server.trainer.evaluate_sets
+    evaluate.lower(server.params, (server.holdout,)).compile()  # type: ignore[attr-defined]
+
+
+def build(spec: LearningSpec, peer_id: int, label_flip: bool = False) -> Local:
+    """Everything a peer needs to train, deterministic in (spec, peer id).
+
+    A label_flip Byzantine peer (`label_flip`) trains on flipped labels.
+    """
+    data, ds = peer_data(spec.data, peer_id, label_flip)
+    args = _init_args(spec, peer_id)
+    trainer = _served_trainer(spec, ds, args, data.train, _eval_sets(data))
+    return Local(data, trainer, trainer.init(*args), ds.n_classes)

@@ -10,6 +10,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from p2pfl.core import streams
+
 Partition = Literal["iid", "dirichlet", "shards"]
 
 
@@ -22,7 +24,7 @@ class Split(NamedTuple):
 
 def holdout_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(pool, holdout) index arrays: a seeded random `test_fraction` is held out."""
-    perm = np.random.default_rng([seed, 1]).permutation(n)
+    perm = streams.rng(seed, streams.HOLDOUT).permutation(n)
     cut = round(n * test_fraction)
     return np.sort(perm[cut:]), np.sort(perm[:cut])
 
@@ -89,7 +91,7 @@ def split(
             f"{len(pool)} samples outside the holdout cannot give {peers} peers at least two "
             f"each with the {partition!r} partition (need {need})"
         )
-    rng = np.random.default_rng([seed, 2])
+    rng = streams.rng(seed, streams.SPLIT)
     if partition == "iid":
         parts = iid(pool, peers, rng)
     elif partition == "dirichlet":
@@ -99,10 +101,24 @@ def split(
     return Split(holdout, parts)
 
 
+def test_size(n: int, test_fraction: float) -> int:
+    """How many of a shard's `n` samples its peer keeps to test on (at least one)."""
+    return min(n - 1, max(1, round(n * test_fraction)))
+
+
 def train_test(
     indices: np.ndarray, test_fraction: float, seed: int, peer: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """A peer's own (train, test) split of its shard; test keeps at least one sample."""
-    perm = np.random.default_rng([seed, 3, peer]).permutation(indices)
-    cut = min(len(perm) - 1, max(1, round(len(perm) * test_fraction)))
+    perm = streams.rng(seed, streams.PEER_TEST, peer).permutation(indices)
+    cut = test_size(len(perm), test_fraction)
     return perm[cut:], perm[:cut]
+
+
+def padded_sizes(shard_sizes: list[int], test_fraction: float) -> tuple[int, int]:
+    """(train, test) lengths every peer pads its own split to: the largest of any peer.
+
+    Shapes shared by all peers let one compiled train step serve them all.
+    """
+    tests = [test_size(n, test_fraction) for n in shard_sizes]
+    return max(n - t for n, t in zip(shard_sizes, tests, strict=True)), max(tests)

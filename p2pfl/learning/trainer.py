@@ -1,8 +1,23 @@
-"""A jitted optax training loop over one flat parameter vector, compiled once per process.
+"""A jitted optax training loop over one flat parameter vector and a padded shard.
 
 State is one immutable `TrainState` the peer replaces every round. Parameters are
 kept flat (one vector, leaves in pytree order) because that is what travels on the wire and what
 gossip mixes; the model sees the pytree through `unravel`.
+
+Every peer of a scenario holds its data as a `Shard` of the same length `n_max` (the
+largest shard of the scenario), its own `n` real rows first and zero rows after them.
+So every peer traces and compiles the same functions once (the persistent compile
+cache then serves every process of a launch), and the functions `jax.vmap` over a
+leading peer axis. Padding is invisible: a peer trains and evaluates exactly as it
+would on its unpadded rows, whatever `n_max` is.
+
+One epoch: the real rows in a random order (each real row draws a uniform key from
+`fold_in(epoch key, row)`, padded rows get +inf, and `argsort` puts the real rows
+first), cut into batches of `batch_size`. The peer's last batch may be partial: its
+padded rows are masked out of the loss mean, so every real row weighs exactly once per
+epoch. Batches past the peer's own `ceil(n / batch_size)` are skipped (`lax.cond`:
+parameters and optimizer state pass through unchanged; under `vmap` it becomes a
+select, with the same result).
 """
 
 from __future__ import annotations
@@ -19,6 +34,8 @@ import optax
 from p2pfl.learning.models import ModelDef
 
 FlatParams = jax.Array  # one float32 vector: the model as it travels and is mixed
+ParamsLike = FlatParams | np.ndarray  # what evaluation takes: a device or a host vector
+Metrics = tuple[jax.Array, jax.Array]  # (accuracy, mean loss), float32 scalars
 
 
 class TrainState(NamedTuple):
@@ -29,14 +46,45 @@ class TrainState(NamedTuple):
     key: jax.Array
 
 
+class Shard(NamedTuple):
+    """Samples padded to a fixed length: the first `n` rows are real, the rest zeros.
+
+    A pytree, so shards of several peers stack on a leading axis for `jax.vmap`.
+    """
+
+    x: jax.Array  # [n_max, features] float32
+    y: jax.Array  # [n_max] int32
+    n: jax.Array  # int32 scalar: how many leading rows are real
+
+
+def pad_shard(x: np.ndarray, y: np.ndarray, n_max: int | None = None) -> Shard:
+    """`x`, `y` padded with zero rows to `n_max` rows (default: their own length), on device.
+
+    Raises ValueError if there are more than `n_max` rows.
+    """
+    n = len(y)
+    n_max = n if n_max is None else n_max
+    if n > n_max:
+        raise ValueError(f"{n} samples do not fit a shard padded to {n_max}")
+    xp = np.zeros((n_max, *x.shape[1:]), dtype=np.float32)
+    yp = np.zeros(n_max, dtype=np.int32)
+    xp[:n], yp[:n] = x, y
+    # device_put, not jnp.asarray: the latter compiles a tiny program per shape and dtype
+    return Shard(*jax.device_put((xp, yp, np.int32(n))))
+
+
 class Trainer(NamedTuple):
-    """Pure functions for one model and optimizer; `train` runs a round's local epochs."""
+    """Pure jitted functions for one model and optimizer; `train` runs a round's local epochs.
+
+    None of them depends on a peer's shard size: one compile serves every peer whose
+    shards have the same padded shapes, and each maps over a leading peer axis.
+    """
 
     init: Callable[[int, int, int], TrainState]  # (seed, init stream, train stream) -> state
-    train: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, jax.Array]]
-    evaluate: Callable[[FlatParams, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-    # (accuracy, loss) on several (x, y) sets in one call: one trace and one transfer
-    evaluate_sets: Callable[[FlatParams, tuple], tuple]
+    train: Callable[[TrainState, Shard], tuple[TrainState, jax.Array]]  # -> (state, loss)
+    evaluate: Callable[[ParamsLike, Shard], Metrics]
+    # metrics on several shards in one call: one trace and one transfer
+    evaluate_sets: Callable[[ParamsLike, tuple[Shard, ...]], tuple[Metrics, ...]]
     with_params: Callable[[TrainState, FlatParams | np.ndarray], TrainState]
     n_params: int
 
@@ -59,33 +107,47 @@ def _unraveler(model: ModelDef) -> tuple[Callable[[FlatParams], Any], int]:
 
     def unravel(flat: FlatParams) -> Any:
         parts = jnp.split(flat, cuts)
-        return treedef.unflatten(
-            [p.reshape(leaf.shape) for p, leaf in zip(parts, leaves, strict=True)]
+        return jax.tree_util.tree_unflatten(
+            treedef, [p.reshape(leaf.shape) for p, leaf in zip(parts, leaves, strict=True)]
         )
 
     return unravel, sum(sizes)
 
 
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of `values` over the positions where `mask` holds (0 when none does)."""
+    m = mask.astype(values.dtype)
+    return (values * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def epoch_order(key: jax.Array, n: jax.Array, n_max: int) -> jax.Array:
+    """A random order of rows 0..n_max-1 with the `n` real rows first, in random order.
+
+    Row i's sort key depends only on (key, i), so the real rows' order does not depend
+    on `n_max`: padding cannot change how a peer trains.
+    """
+    rows = jnp.arange(n_max)
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(rows)
+    return jnp.argsort(jnp.where(rows < n, u, jnp.inf))
+
+
 def make_trainer(
     model: ModelDef,
     optimizer: optax.GradientTransformation,
-    n_train: int,
     batch_size: int,
     local_epochs: int,
 ) -> Trainer:
-    """Build jitted train/evaluate functions for a shard of `n_train` samples.
+    """Build jitted train/evaluate functions for shards of any padded length.
 
     Everything, initialisation included, runs under `jax.jit`: eager JAX ops would each
-    be lowered separately, which costs a peer about half a second of start-up.
+    be lowered separately, which costs a peer about half a second of start-up. A
+    function is traced once per padded shard shape, not per peer.
     """
     unravel, n_params = _unraveler(model)
-    bs = max(1, min(batch_size, n_train))
-    n_batches = -(-n_train // bs)
-    pad = n_batches * bs - n_train
 
-    def loss_fn(flat: FlatParams, x: jax.Array, y: jax.Array) -> jax.Array:
+    def loss_fn(flat: FlatParams, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
         logits = model.apply(unravel(flat), x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, y), mask)
 
     @jax.jit
     def init(seed: int, init_stream: int, train_stream: int) -> TrainState:
@@ -95,36 +157,58 @@ def make_trainer(
         return TrainState(flat, optimizer.init(flat), jax.random.fold_in(base, train_stream))
 
     @jax.jit
-    def train(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, jax.Array]:
-        def step(carry: tuple, idx: jax.Array) -> tuple[tuple, jax.Array]:
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, x[idx], y[idx])
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+    def train(state: TrainState, shard: Shard) -> tuple[TrainState, jax.Array]:
+        n_max = shard.y.shape[0]
+        bs = max(1, min(batch_size, n_max))  # a peer smaller than a batch: one full batch
+        n_batches = -(-n_max // bs)
+        n = shard.n
+        own_batches = (n + bs - 1) // bs
+
+        def step(carry: tuple, batch: tuple[jax.Array, jax.Array]) -> tuple[tuple, jax.Array]:
+            idx, valid = batch
+
+            def run(carry: tuple) -> tuple[tuple, jax.Array]:
+                params, opt_state = carry
+                loss, grads = jax.value_and_grad(loss_fn)(params, shard.x[idx], shard.y[idx], valid)
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), loss
+
+            def skip(carry: tuple) -> tuple[tuple, jax.Array]:
+                return carry, jnp.zeros((), jnp.float32)
+
+            return jax.lax.cond(valid[0], run, skip, carry)
 
         def epoch(carry: tuple, key: jax.Array) -> tuple[tuple, jax.Array]:
-            perm = jax.random.permutation(key, n_train)
-            idx = jnp.concatenate([perm, perm[:pad]]).reshape(n_batches, bs)
-            carry, losses = jax.lax.scan(step, carry, idx)
-            return carry, losses.mean()
+            order = epoch_order(key, n, n_max)
+            slots = jnp.arange(n_batches * bs)
+            idx = jnp.concatenate([order, jnp.zeros(n_batches * bs - n_max, order.dtype)])
+            batches = (idx.reshape(n_batches, bs), (slots < n).reshape(n_batches, bs))
+            carry, losses = jax.lax.scan(step, carry, batches)
+            return carry, losses.sum() / jnp.maximum(own_batches, 1)
 
         keys = jax.random.split(state.key, local_epochs + 1)
         (params, opt_state), losses = jax.lax.scan(epoch, (state.params, state.opt_state), keys[1:])
         return TrainState(params, opt_state, keys[0]), losses[-1]
 
-    def metrics(flat: FlatParams, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply(unravel(flat), x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return (jnp.argmax(logits, -1) == y).mean(), loss
+    def metrics(flat: FlatParams, shard: Shard) -> Metrics:
+        logits = model.apply(unravel(flat), shard.x)
+        mask = jnp.arange(shard.y.shape[0]) < shard.n
+        loss = _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, shard.y), mask)
+        hits = (jnp.argmax(logits, -1) == shard.y).astype(jnp.float32)
+        return _masked_mean(hits, mask), loss
 
     @jax.jit
-    def evaluate_sets(flat: FlatParams, sets: tuple) -> tuple:
-        return tuple(metrics(flat, x, y) for x, y in sets)
-
-    def with_params(state: TrainState, flat: FlatParams | np.ndarray) -> TrainState:
-        return state._replace(params=jnp.asarray(flat, dtype=jnp.float32))
+    def evaluate_sets(flat: FlatParams, shards: tuple[Shard, ...]) -> tuple[Metrics, ...]:
+        return tuple(metrics(flat, s) for s in shards)
 
     return Trainer(init, train, jax.jit(metrics), evaluate_sets, with_params, n_params)
+
+
+def with_params(state: TrainState, flat: FlatParams | np.ndarray) -> TrainState:
+    """`state` with its parameters replaced by `flat` (moved to the device as float32)."""
+    if isinstance(flat, jax.Array) and flat.dtype == jnp.float32:
+        return state._replace(params=flat)
+    return state._replace(params=jax.device_put(np.asarray(flat, dtype=np.float32)))
 
 
 def as_numpy(flat: FlatParams) -> np.ndarray:

@@ -1,0 +1,241 @@
+"""The `p2pfl` command: parse arguments, call the layer below, map errors to exit codes.
+
+Exit codes: 0 success, 1 the run failed (a peer failed, an error), 2 bad scenario or
+arguments. Heavy modules are imported inside each command so `p2pfl peer` pays only
+for what a peer needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from p2pfl.config.loader import graph, with_mode
+from p2pfl.config.schema import ScenarioError
+from p2pfl.runtime import roles
+from p2pfl.runtime.roles import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+
+def _print_summary(console: Any, summary: dict[str, Any], out: Path) -> None:
+    acc = summary["final_holdout_accuracy"]
+    console.print(
+        f"[bold]{summary['scenario']}[/] ({summary['mode']}): "
+        f"{len(summary['completed_peers'])}/{summary['peers']} peers completed "
+        f"{summary['rounds']} rounds in {summary['wall_s']:.1f} s; final holdout accuracy "
+        + (
+            f"mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})"
+            if acc["mean"] is not None
+            else "n/a"
+        )
+    )
+    if summary["failed_peers"]:
+        console.print(f"[red]failed peers: {summary['failed_peers']}[/] (see {out / 'logs'})")
+    c = summary.get("coordinator")
+    if c is not None and c["exit_code"] != 0:
+        colour = "red" if c["role"] == "server" else "yellow"
+        console.print(
+            f"[{colour}]coordinator ({c['role']}) exited with code {c['exit_code']}[/] "
+            f"(see {out / 'logs' / 'coordinator.jsonl'})"
+        )
+    console.print(f"run folder: {out}")
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Run every peer of the scenario (and its coordinator, if any) on this machine."""
+    from rich.console import Console
+
+    from p2pfl.app.launch import LaunchError, launch, run_failed
+
+    s = roles.scenario(args.scenario, mode=args.mode)
+    out = roles.run_folder(args.out, s)
+    console = Console()
+    try:
+        summary = launch(s, args.scenario, out, console)
+    except LaunchError as exc:
+        print(f"p2pfl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    console.line()
+    _print_summary(console, summary, out)
+    return EXIT_FAILED if run_failed(summary) else EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run the scenario centralized, then gossip, and compare the two runs."""
+    from rich.console import Console
+
+    from p2pfl.app.compare import build_report, render_table, write_outputs
+    from p2pfl.app.launch import LaunchError, launch, run_failed
+
+    base = roles.scenario(args.scenario)
+    root = Path(args.out) if args.out else Path("runs") / base.name
+    console = Console()
+    folders: dict[str, Path] = {}
+    failed = False
+    for mode in ("centralized", "gossip"):
+        s = with_mode(base, mode)
+        folders[mode] = root / mode
+        console.rule(f"{s.name}: {mode}")
+        try:
+            summary = launch(s, args.scenario, folders[mode], console)
+        except LaunchError as exc:
+            print(f"p2pfl: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        console.line()
+        _print_summary(console, summary, folders[mode])
+        failed |= run_failed(summary)
+    try:
+        report = build_report(folders["centralized"], folders["gossip"], args.target)
+    except ValueError as exc:  # a run left too little to compare (its summary says why)
+        print(f"p2pfl: cannot compare: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    write_outputs(report, folders["centralized"], folders["gossip"], root)
+    console.line()
+    console.print(render_table(report))
+    console.print(
+        f"written: {root / 'compare.json'}, {root / 'compare.md'}, {root / 'compare.png'}"
+    )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    """Run one peer (one per host in a real deployment)."""
+    return roles.peer(
+        roles.PeerArgs(
+            args.scenario, args.id, args.mode, args.out, args.address, args.resume, args.log_level
+        )
+    )
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    """Run the coordinator: bootstrap registry (gossip) or FedAvg server (centralized)."""
+    return roles.coordinator(
+        roles.CoordinatorArgs(args.scenario, args.mode, args.out, args.log_level)
+    )
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    """Print (or draw) the scenario's graph and its mixing figures."""
+    from p2pfl.core.graphs import report
+
+    s = roles.scenario(args.scenario)
+    g = graph(s)
+    rep = report(g, s.gossip.mixing)
+    if args.json:
+        print(json.dumps(asdict(rep)))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(
+            "figure", "value", title=f"{s.name}: {s.topology.kind}, {s.gossip.mixing} mixing"
+        )
+        rows = {
+            "peers": rep.peers,
+            "edges": len(rep.edges),
+            "degree min/max": f"{rep.degree_min}/{rep.degree_max}",
+            "diameter": rep.diameter,
+            "λ (second-largest eigenvalue modulus)": f"{rep.slem:.4f}",
+            "spectral gap 1-λ": f"{rep.spectral_gap:.4f}",
+            f"rounds to consensus (λ^R < {rep.consensus_tolerance:g})": rep.rounds_to_consensus,
+        }
+        for k, v in rows.items():
+            table.add_row(k, str(v))
+        Console().print(table)
+        if len(rep.edges) <= 64:
+            print("edges:", " ".join(f"{a}-{b}" for a, b in rep.edges))
+    if args.png:
+        from p2pfl.app.plots import topology_plot
+
+        topology_plot(g, Path(args.png), f"{s.name}: {s.topology.kind} (λ = {rep.slem:.3f})")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p2pfl", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def scenario_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "scenario",
+            nargs="?",
+            type=Path,
+            default=None,
+            help="scenario TOML file (default: the built-in quickstart settings)",
+        )
+
+    def mode_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--mode",
+            choices=["gossip", "centralized"],
+            help="run the scenario in this mode instead of the file's",
+        )
+
+    def log_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    q = sub.add_parser("launch", help="run every peer of a scenario on this machine")
+    scenario_arg(q)
+    mode_arg(q)
+    q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    q.set_defaults(func=cmd_launch)
+
+    q = sub.add_parser("compare", help="run a scenario centralized and gossip, compare them")
+    scenario_arg(q)
+    q.add_argument("--out", help="folder for both runs and compare.* (default: runs/<name>)")
+    q.add_argument(
+        "--target",
+        type=float,
+        help="holdout accuracy for 'rounds to reach' (default: 0.95 x the lower final mean)",
+    )
+    q.set_defaults(func=cmd_compare)
+
+    q = sub.add_parser("peer", help="run one peer of a scenario")
+    scenario_arg(q)
+    mode_arg(q)
+    q.add_argument("--id", type=int, required=True, help="this peer's id, 0..peers-1")
+    q.add_argument(
+        "--address",
+        help="bind and advertise this tcp://HOST:PORT (gossip with coordinator.bootstrap)",
+    )
+    q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from this peer's checkpoint in the run folder, then catch up (gossip: "
+        "with the neighbours' newest models; centralized: with the next global model)",
+    )
+    log_arg(q)
+    q.set_defaults(func=cmd_peer)
+
+    q = sub.add_parser(
+        "coordinator", help="run the coordinator (bootstrap for gossip, or the FedAvg server)"
+    )
+    scenario_arg(q)
+    mode_arg(q)
+    q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    log_arg(q)
+    q.set_defaults(func=cmd_coordinator)
+
+    q = sub.add_parser("topology", help="print a scenario's graph and its spectral figures")
+    scenario_arg(q)
+    q.add_argument("--json", action="store_true", help="print JSON for machines")
+    q.add_argument("--png", help="also draw the graph to this PNG file")
+    q.set_defaults(func=cmd_topology)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `p2pfl` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ScenarioError as exc:
+        print(f"p2pfl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("p2pfl: interrupted", file=sys.stderr)
+        return 130

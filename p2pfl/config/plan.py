@@ -1,0 +1,267 @@
+"""The plan: a `Scenario` resolved once, per role, into the plain values the layers below take.
+
+Only the config layer reads a `Scenario`. Each role (gossip peer, centralized client,
+FedAvg server, bootstrap registry) gets one frozen plan: its identity and addresses,
+its protocol machine's settings, its aggregation rule and outgoing-model transform
+(built once from the registry, called every round), its PRNG streams, its faults, and
+its learning set-up. The runtime composes a node from a plan and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+
+from p2pfl.config.learning import learning_spec
+from p2pfl.config.loader import graph
+from p2pfl.config.schema import Scenario
+from p2pfl.core import streams
+from p2pfl.core.aggregators import (
+    GossipAggregator,
+    ServerAggregator,
+    gossip_aggregator,
+    server_aggregator,
+)
+from p2pfl.core.attacks import dissensus_gains
+from p2pfl.core.graphs import Mixing
+from p2pfl.core.transforms import ModelTransform, attack_transform, identity
+from p2pfl.learning.local import LearningSpec
+from p2pfl.protocol.fedavg_client import ClientConfig
+from p2pfl.protocol.fedavg_server import ServerConfig
+from p2pfl.protocol.sync import SyncConfig
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every role of a run shares."""
+
+    name: str
+    mode: str
+    digest: str  # the scenario hash every message carries
+    peers: int
+    rounds: int
+    seed: int
+    out: Path  # the run folder
+    every_round: bool  # [output] models = "every_round": models/round-<r>/ as well
+
+
+@dataclass(frozen=True)
+class PeerFaults:
+    """Faults injected into one peer ([faults]); all off by default."""
+
+    slow_delay_s: float = 0.0  # a straggler holds back each model this long
+    crash_round: int | None = None  # SIGKILLed on reaching this round (not when resumed)
+    label_flip: bool = False  # a label_flip Byzantine peer trains on flipped labels
+    link_delay_ms: float = 0.0  # gossip links: each message held back this long ...
+    link_drop: float = 0.0  # ... or lost with this probability
+    link_seed: tuple[int, ...] = ()  # which messages the link loses
+
+
+@dataclass(frozen=True)
+class GossipPlan:
+    """One gossip peer."""
+
+    run: Run
+    peer_id: int
+    address: str  # where it binds (and, with bootstrap, what it advertises)
+    neighbour_addresses: Mapping[int, str]  # empty with bootstrap: the welcome names them
+    bootstrap: str | None  # the coordinator's control address when bootstrapping
+    sync: SyncConfig
+    mixing: Mixing
+    aggregator: GossipAggregator
+    catch_up: ServerAggregator  # combines the neighbours' newest models after a rejoin
+    transform: ModelTransform  # what an attacker does to the model it sends
+    gains: Mapping[int, float]  # dissensus: the gain per honest neighbour (else empty)
+    faults: PeerFaults
+    learning: LearningSpec
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """One peer in centralized mode."""
+
+    run: Run
+    peer_id: int
+    control: str  # the coordinator's control channel
+    updates: str  # ... and its update channel
+    client: ClientConfig  # samples = 0 until the runtime knows its shard
+    transform: ModelTransform
+    faults: PeerFaults
+    learning: LearningSpec
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """The coordinator as the FedAvg server."""
+
+    run: Run
+    control: str
+    updates: str
+    server: ServerConfig
+    aggregator: ServerAggregator
+    learning: LearningSpec
+
+
+@dataclass(frozen=True)
+class BootstrapPlan:
+    """The coordinator as the bootstrap registry of a gossip run."""
+
+    run: Run
+    control: str
+    neighbours: Mapping[int, tuple[int, ...]]  # each peer's neighbours, sorted
+    idle_limit_s: float  # give up this long after the last change (a crashed peer says no bye)
+
+
+def _run(s: Scenario, out: Path) -> Run:
+    return Run(
+        s.name,
+        s.mode,
+        s.digest(),
+        s.peers,
+        s.training.rounds,
+        s.seed,
+        out,
+        s.output.models == "every_round",
+    )
+
+
+def _faults(s: Scenario, peer_id: int) -> PeerFaults:
+    attack = s.byzantine(peer_id)
+    return PeerFaults(
+        slow_delay_s=s.slow_delay(peer_id),
+        crash_round=s.crash_round(peer_id),
+        label_flip=attack is not None and attack.attack == "label_flip",
+        link_delay_ms=s.faults.link_delay_ms,
+        link_drop=s.faults.link_drop,
+        link_seed=(s.seed, peer_id, streams.LINK),
+    )
+
+
+def _transform(s: Scenario, peer_id: int) -> ModelTransform:
+    attack = s.byzantine(peer_id)
+    if attack is None:
+        return identity()
+    return attack_transform(attack.attack, factor=attack.factor, sigma=attack.sigma)
+
+
+def _gains(s: Scenario, g: nx.Graph, peer_id: int) -> dict[int, float]:
+    attack = s.byzantine(peer_id)
+    if attack is None or attack.attack != "dissensus":
+        return {}
+    colluders = {f.peer for f in s.faults.byzantine if f.attack == "dissensus"}
+    return dissensus_gains(g, peer_id, colluders, attack.epsilon, s.gossip.mixing)
+
+
+def gossip_plan(
+    s: Scenario, peer_id: int, out: Path, address: str | None = None, resume: bool = False
+) -> GossipPlan:
+    """Peer `peer_id` of a gossip run."""
+    g = graph(s)
+    neighbours = tuple(sorted(g.neighbors(peer_id)))
+    gs = s.gossip
+    gains = _gains(s, g, peer_id)
+    sync = SyncConfig(
+        peer_id=peer_id,
+        neighbours=neighbours,
+        peers=s.peers,
+        rounds=s.training.rounds,
+        round_timeout_s=gs.round_timeout_s,
+        startup_timeout_s=gs.startup_timeout_s,
+        heartbeat_s=gs.heartbeat_s,
+        peer_timeout_s=gs.peer_timeout_s,
+        targets=frozenset(gains),
+    )
+    return GossipPlan(
+        run=_run(s, out),
+        peer_id=peer_id,
+        address=address or s.address(peer_id),
+        neighbour_addresses={}
+        if s.coordinator.bootstrap
+        else {j: s.address(j) for j in neighbours},
+        bootstrap=s.coordinator_addresses()[0] if s.coordinator.bootstrap else None,
+        sync=sync,
+        mixing=gs.mixing,
+        aggregator=gossip_aggregator(
+            gs.aggregator,
+            trim=gs.trim,
+            tau=None if gs.clip_tau == "adaptive" else gs.clip_tau,
+            clip_fraction=gs.clip_fraction,
+            clip_drop=gs.clip_drop,
+        ),
+        catch_up=server_aggregator("mean" if gs.aggregator == "mean" else "median"),
+        transform=_transform(s, peer_id),
+        gains=gains,
+        faults=_faults(s, peer_id),
+        learning=learning_spec(s),
+        resume=resume,
+    )
+
+
+def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> ClientPlan:
+    """Peer `peer_id` of a centralized run."""
+    c = s.centralized
+    control, updates = s.coordinator_addresses()
+    client = ClientConfig(
+        peer=peer_id,
+        coordinator=s.peers,
+        samples=0,
+        heartbeat_s=c.heartbeat_s,
+        coordinator_timeout_s=c.coordinator_timeout_s,
+        startup_timeout_s=c.startup_timeout_s,
+    )
+    return ClientPlan(
+        run=_run(s, out),
+        peer_id=peer_id,
+        control=control,
+        updates=updates,
+        client=client,
+        transform=_transform(s, peer_id),
+        faults=_faults(s, peer_id),
+        learning=learning_spec(s),
+        resume=resume,
+    )
+
+
+def server_plan(s: Scenario, out: Path) -> ServerPlan:
+    """The FedAvg server of a centralized run."""
+    c = s.centralized
+    control, updates = s.coordinator_addresses()
+    server = ServerConfig(
+        peers=s.peers,
+        rounds=s.training.rounds,
+        seed=s.seed,
+        min_peers=s.min_peers,
+        fraction=c.fraction,
+        min_updates=c.min_updates,
+        round_timeout_s=c.round_timeout_s,
+        startup_timeout_s=c.startup_timeout_s,
+        heartbeat_s=c.heartbeat_s,
+        peer_timeout_s=c.peer_timeout_s,
+        coordinator_timeout_s=c.coordinator_timeout_s,
+        weighting=c.weighting,
+    )
+    return ServerPlan(
+        run=_run(s, out),
+        control=control,
+        updates=updates,
+        server=server,
+        aggregator=server_aggregator(c.aggregator, trim=c.trim, f=c.krum_f),
+        learning=learning_spec(s),
+    )
+
+
+def bootstrap_plan(s: Scenario, out: Path) -> BootstrapPlan:
+    """The bootstrap registry of a gossip run with `coordinator.bootstrap = true`."""
+    g = graph(s)
+    gs = s.gossip
+    return BootstrapPlan(
+        run=_run(s, out),
+        control=s.coordinator_addresses()[0],
+        neighbours={i: tuple(sorted(g.neighbors(i))) for i in range(s.peers)},
+        idle_limit_s=gs.startup_timeout_s + s.training.rounds * gs.round_timeout_s,
+    )

@@ -1,0 +1,116 @@
+"""A FedAvg round's values and pure decisions: who is sampled, what an update must carry,
+why a round closed, and the updates as the aggregator takes them.
+
+The server machine (`fedavg_server`) applies these; the simulator can call the same
+functions, so both sample and close rounds alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from p2pfl.core.streams import SAMPLE, rng
+from p2pfl.protocol import wire
+
+MAX_SAMPLES = 2**31 - 1  # largest sample count an update may claim
+ClosedBy = Literal["all_in", "early", "deadline", "quorum_missed"]
+
+
+@dataclass(frozen=True)
+class Update:
+    """An accepted update: the peer's model, its sample count and its reported loss."""
+
+    params: wire.Chunked | np.ndarray
+    samples: int
+    loss: float | None
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    """A round the server closed, waiting for the runtime to aggregate and record it.
+
+    `updates` are in arrival order; `weights` are the FedAvg weights of the updates to
+    aggregate (empty when `quorum_missed`: the global model is kept). `started` is the
+    `now` the round's start_round went out at.
+    """
+
+    round: int
+    closed_by: ClosedBy
+    sampled: tuple[int, ...]
+    connected: tuple[int, ...]
+    updates: Mapping[int, Update]
+    weights: Mapping[int, float]
+    started: float
+    quorum_wait_s: float
+    last: bool
+
+    @property
+    def participants(self) -> list[int]:
+        """The peers whose update went into the new global model."""
+        return sorted(self.updates) if self.closed_by != "quorum_missed" else []
+
+    @property
+    def missing(self) -> list[int]:
+        """Sampled peers whose update did not go into the global model."""
+        return sorted(set(self.sampled) - set(self.participants))
+
+    @property
+    def train_loss(self) -> float | None:
+        """The sample-weighted mean of the losses the participants reported, if any."""
+        losses = [(u.samples, u.loss) for u in self.updates.values() if u.loss is not None]
+        if not losses or self.closed_by == "quorum_missed":
+            return None
+        return sum(n * x for n, x in losses) / sum(n for n, _ in losses)
+
+
+def sample(
+    live: Sequence[int], round_: int, *, seed: int, fraction: float, min_updates: int
+) -> tuple[int, ...]:
+    """Round `round_`'s sample of the fresh peers `live` (sorted), reproducibly.
+
+    k = min(n, max(min_updates, ceil(fraction * n))) of the n, drawn without replacement
+    from the numpy stream `[seed, round, SAMPLE]`; returned sorted.
+    """
+    k = min(len(live), max(min_updates, math.ceil(fraction * len(live))))
+    draw = rng(seed, round_, SAMPLE).choice(list(live), size=k, replace=False)
+    return tuple(sorted(int(i) for i in draw))
+
+
+def close_reason(
+    updates: Collection[int], sampled: Collection[int], expected: Collection[int], min_updates: int
+) -> ClosedBy:
+    """Why a round closes with these updates in (it closes once nothing `expected` is
+    missing, or at its deadline)."""
+    if len(updates) < min_updates:
+        return "quorum_missed"
+    if len(updates) == len(sampled):
+        return "all_in"
+    if set(expected) <= set(updates):
+        return "early"  # the others left, restarted or could not be reached
+    return "deadline"
+
+
+def parse_update(msg: wire.Message) -> Update | str:
+    """An update's params, sample count and loss, or why it is dropped."""
+    samples, loss = msg.meta.get("samples"), msg.meta.get("loss")
+    if "params" not in msg.arrays:
+        return "update without params"
+    if not (wire.is_int(samples) and 1 <= samples <= MAX_SAMPLES):
+        return "meta.samples missing or out of range"
+    if loss is not None and not (isinstance(loss, float) and math.isfinite(loss)):
+        return "meta.loss is not a finite float"
+    return Update(msg.arrays["params"], samples, loss)
+
+
+def stack_updates(closed: ClosedRound) -> tuple[np.ndarray, np.ndarray]:
+    """The round's updates as `[n, d]` and their weights as `[n]`, in peer id order (what
+    `core.aggregators.server_aggregator` takes; the order keeps results independent of
+    arrival order)."""
+    ids: Sequence[int] = sorted(closed.weights)
+    updates = np.stack([np.ravel(np.asarray(closed.updates[j].params)) for j in ids])
+    return updates, np.array([closed.weights[j] for j in ids])
