@@ -6,15 +6,17 @@ next to its target and the ratio between them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -177,14 +179,25 @@ def p2pfl_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "p2pfl"]
 
 
-def launch(scenario: Path, out: Path) -> subprocess.Popen[bytes]:
-    """Start `p2pfl launch` on a scenario, its console output discarded."""
+def launch(
+    scenario: Path,
+    out: Path,
+    *extra: str,
+    command: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `p2pfl launch` on a scenario, its console output discarded.
+
+    `command` is the entry point (default: this checkout's, `p2pfl_command()`), `env`
+    the environment (default: this one); `extra` goes after the launch's arguments.
+    """
     return subprocess.Popen(
-        [*p2pfl_command(), "launch", str(scenario), "--out", str(out)],
+        [*(command or p2pfl_command()), "launch", str(scenario), "--out", str(out), *extra],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         cwd=out.parent,
+        env=env,
     )
 
 
@@ -213,10 +226,22 @@ def run_quickstart(folder: Path, **sections: dict[str, Any]) -> tuple[Path, floa
 PROBE = Path(__file__).resolve().parent / "_probe.py"
 
 
-def run_probe(*args: str, importtime: bool = False, timeout_s: float = 300.0) -> tuple[str, str]:
-    """Run bench/_probe.py with these arguments: (stdout, stderr); raises with its stderr."""
-    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), str(PROBE), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+def run_probe(
+    *args: str,
+    importtime: bool = False,
+    timeout_s: float = 300.0,
+    probe: Path = PROBE,
+    env: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """Run bench/_probe.py with these arguments: (stdout, stderr); raises with its stderr.
+
+    `probe` and `env` run another checkout's probe against its own code (see
+    `Checkout`).
+    """
+    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), str(probe), *args]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout_s, check=False, env=env
+    )
     if proc.returncode != 0:
         tail = "\n".join(
             line for line in proc.stderr.splitlines() if not line.startswith("import time:")
@@ -269,3 +294,72 @@ def peer_processes(launcher: psutil.Process) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             continue
     return peers
+
+
+# -- another revision, side by side ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Code:
+    """One revision of p2pfl a benchmark runs: its entry point, environment and probe."""
+
+    label: str  # "ours", or the other revision's short hash
+    command: tuple[str, ...]  # how to run its `p2pfl`
+    env: dict[str, str] | None  # None: this environment (this checkout's install)
+    probe: Path  # its own bench/_probe.py, which matches its code
+
+
+OURS = Code("ours", tuple(p2pfl_command()), None, PROBE)
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[Code]:
+    """Revision `rev` in a temporary `git worktree` (detached), as a `Code` to run.
+
+    Its code runs with `PYTHONPATH` at the worktree (ahead of this checkout's editable
+    install) through its own entry point, `python -m p2pfl`; no bytecode is written
+    into it. The worktree is removed (`git worktree remove --force`) on the way out,
+    whatever happened.
+    """
+    short = _git("rev-parse", "--short", f"{rev}^{{commit}}")
+    path = Path(tempfile.gettempdir()) / f"p2pfl-{short}"
+    if path.exists():  # left by a run that was killed: do not touch it
+        path = Path(tempfile.mkdtemp(prefix=f"p2pfl-{short}-")) / "tree"
+    _git("worktree", "add", "--detach", str(path), short)
+    try:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(path), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        found = subprocess.run(
+            [sys.executable, "-c", "import p2pfl; print(p2pfl.__file__)"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tempfile.gettempdir(),
+            check=False,
+        ).stdout.strip()
+        if not found.startswith(str(path)):
+            raise RuntimeError(f"{short}: PYTHONPATH={path} imports p2pfl from {found!r}")
+        yield Code(short, (sys.executable, "-m", "p2pfl"), env, path / "bench" / "_probe.py")
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+            capture_output=True,
+            check=False,
+        )
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True, check=False
+        )

@@ -19,6 +19,11 @@ start-up barrier.
 - CPU: the peers' CPU seconds (user + system, sampled every 20 ms) spent over rounds
   2..R, per round and as a share of the 2 cores' wall time, to tell CPU-bound
   overhead from waiting.
+- `--against REV`: the same measurement, in the same run, on revision REV (a
+  temporary `git worktree` of it, its own `python -m p2pfl` with PYTHONPATH at it, its
+  own bench/_probe.py for its uncontended compute and steps), then ours / REV for the
+  median round wall time and for round wall / compute floor. `--repeat N` alternates
+  the two N times (ours first, then REV first, ...) and compares the medians.
 """
 
 from __future__ import annotations
@@ -31,19 +36,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    OURS,
+    QUICKSTART,
+    Code,
     Row,
     add_quiet_arg,
+    checkout,
     histories,
     launch,
     log_events,
     median,
     peer_processes,
+    peers_of,
     preamble,
     print_table,
     run_probe,
@@ -83,42 +94,68 @@ def _cpu_at(samples: list[tuple[float, float]], t: float) -> float:
     return samples[-1][1] if t > samples[-1][0] else samples[0][1]
 
 
-def isolated_compute(scenario: Path, reps: int = 30) -> dict[int, float]:
+def isolated_compute(scenario: Path, reps: int = 30, code: Code = OURS) -> dict[int, float]:
     """peer -> uncontended train + evaluate seconds of one round (probe, one core)."""
-    out, _ = run_probe("compute", str(scenario), str(reps))
+    out, _ = run_probe("compute", str(scenario), str(reps), probe=code.probe, env=code.env)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {r["peer"]: r["train_s"] + r["eval_s"] for r in rows}
 
 
-def round_steps(scenario: Path, reps: int = 200) -> dict[str, float]:
-    """step -> uncontended median seconds of that step of one round (probe, peer 0)."""
-    out, _ = run_probe("overhead", str(scenario), str(reps))
+def round_steps(
+    folder: Path, reps: int = 200, code: Code = OURS
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """step -> uncontended median seconds of that step of one round (probe, peer 0),
+    and the probe's check (the peer's own round timed whole), if it has one.
+
+    The probe drives peer 0's real sync-gossip machine, which refuses rounds past the
+    scenario's last, so it gets a copy with enough rounds.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    scenario = scenario_copy(folder, training={"rounds": reps + 2 + max(10, reps // 2)})
+    out, _ = run_probe("overhead", str(scenario), str(reps), probe=code.probe, env=code.env)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {r["step"]: r["s"] for r in rows}
+    check = next((r for r in rows if "check" in r), None)
+    return {r["step"]: r["s"] for r in rows if "step" in r}, check
 
 
-def step_rows(steps: dict[str, float], peers: int, cores: int) -> list[Row]:
+def step_rows(
+    steps: dict[str, float],
+    peers: int,
+    cores: int,
+    check: dict[str, float] | None = None,
+    label: str = "",
+) -> list[Row]:
     """One row per step of a round, and the floor they add up to."""
     total = sum(steps.values())
+    tag = f" ({label})" if label else ""
     rows = [
-        Row(f"  step: {name}", sec * 1e6, "us", note=f"{sec / total * 100:.0f}% of the round")
+        Row(f"  step{tag}: {name}", sec * 1e6, "us", note=f"{sec / total * 100:.0f}% of the round")
         for name, sec in steps.items()
     ]
     rows.append(
         Row(
-            "  all steps of one peer's round",
+            f"  all steps of one peer's round{tag}",
             total * 1e3,
             "ms",
             note=f"x {peers} peers / {cores} cores = {total * peers / cores * 1e3:.2f} ms",
         )
     )
+    if check and check.get("s"):
+        rows.append(
+            Row(
+                f"  the peer's own round + checkpoint, whole{tag}",
+                check["s"] * 1e3,
+                "ms",
+                note=f"{check['s'] / total:.2f} x the steps' sum (GossipPeer, same harness)",
+            )
+        )
     return rows
 
 
 def analyse(
     out: Path, cores: int, cpu: list[tuple[float, float]] | None, iso: dict[int, float] | None
-) -> tuple[list[Row], list[str]]:
-    """Rows and notes from a finished run folder."""
+) -> tuple[list[Row], list[str], dict[str, float]]:
+    """Rows, notes and the headline figures (seconds, ratios) from a finished run folder."""
     hist = histories(out)
     logs = log_events(out)
     peers = sorted(hist)
@@ -179,8 +216,19 @@ def analyse(
         f"{len(peers)} peers, rounds 2..{rounds} (round 1 excluded: first train call "
         "compiles or loads the compile cache, and waits for the slowest peer to start)"
     ]
+    figures = {
+        "wall": median(wall_log),
+        "floor": median(floor),
+        "ratio": median(wall_log) / median(floor),
+        "train": split("train_s"),
+        "eval": split("eval_s"),
+        "comm": split("comm_s"),
+        "wait": split("wait_s"),
+    }
     if iso:
         iso_floor = sum(iso.values()) / cores
+        figures["iso_floor"] = iso_floor
+        figures["iso_ratio"] = median(wall_log) / iso_floor
         rows.append(
             Row(
                 "compute floor, uncontended (probe)",
@@ -198,6 +246,7 @@ def analyse(
         t_b = max(done[p, rounds] for p in peers)
         cpu_s = _cpu_at(cpu, t_b) - _cpu_at(cpu, t_a)
         per_round = cpu_s / (rounds - 1)
+        figures["cpu"] = per_round
         rows.append(
             Row(
                 "peer CPU per round (all peers)",
@@ -224,30 +273,127 @@ def analyse(
                     note="uncontended train+eval / measured CPU per round",
                 )
             )
-    return rows, notes
+    return rows, notes, figures
+
+
+def measure(
+    folder: Path, cores: int, rounds: int | None = None, code: Code = OURS
+) -> tuple[list[Row], list[str], dict[str, float]]:
+    """Launch the quickstart once with `code`, probe its compute, analyse."""
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = {"training": {"rounds": rounds}} if rounds else {}
+    scenario = scenario_copy(folder, **extra)
+    out = folder / "run"
+    proc = launch(scenario, out, command=code.command, env=code.env)
+    cpu = _sample_cpu(proc)
+    wait_launch(proc)
+    iso: dict[int, float] | None
+    try:
+        iso = isolated_compute(scenario, code=code)
+    except RuntimeError as exc:  # another revision's probe may not run: say so, go on
+        if code is OURS:
+            raise
+        iso = None
+        print(f"rounds: {code.label}'s compute probe failed: {exc}", file=sys.stderr)
+    return analyse(out, cores, cpu, iso)
+
+
+COMPARED = (
+    ("wall", "median round wall time (log clock)", 1.0),
+    ("ratio", "round wall / compute floor", 1.0),
+    ("iso_ratio", "round wall / uncontended compute floor", None),
+    ("floor", "compute floor (history train+eval / cores)", None),
+    ("iso_floor", "compute floor, uncontended (probe)", None),
+    ("cpu", "peer CPU per round (all peers)", None),
+    ("train", "median train_s", None),
+    ("eval", "median eval_s", None),
+    ("comm", "median comm_s", None),
+    ("wait", "median wait_s", None),
+)
+
+
+def compare_rows(
+    ours: list[dict[str, float]], theirs: list[dict[str, float]], rev: str
+) -> list[Row]:
+    """ours / theirs for the headline figures, each the median over the repeats."""
+    rows = []
+    for key, name, target in COMPARED:
+        a = [f[key] for f in ours if key in f]
+        b = [f[key] for f in theirs if key in f]
+        if not a or not b:
+            continue
+        scale, unit = (1.0, "x") if "ratio" in key else (1e3, "ms")
+        rows.append(
+            Row(
+                f"ours / {rev}: {name}",
+                median(a) / median(b),
+                "x",
+                target,
+                note=f"{median(a) * scale:.3g} / {median(b) * scale:.3g} {unit}"
+                + (
+                    f"; per run ours {', '.join(f'{x * scale:.3g}' for x in a)}"
+                    if len(a) > 1
+                    else ""
+                )
+                + (f", {rev} {', '.join(f'{x * scale:.3g}' for x in b)}" if len(b) > 1 else ""),
+            )
+        )
+    return rows
 
 
 def run(
-    rounds: int | None = None, keep: Path | None = None, steps: bool = True
+    rounds: int | None = None,
+    keep: Path | None = None,
+    steps: bool = True,
+    against: str | None = None,
+    repeat: int = 1,
 ) -> tuple[list[Row], list[str]]:
-    """Launch the quickstart once, probe the compute, analyse; returns rows and notes."""
+    """Launch the quickstart, probe the compute, analyse; with `against`, the same on
+    that revision (alternating, `repeat` times each) and ours / theirs. Rows and notes."""
     cores = len(os.sched_getaffinity(0))
-    with tempfile.TemporaryDirectory(prefix="bench-rounds-") as tmp:
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rounds-"))
         folder = keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        extra = {"training": {"rounds": rounds}} if rounds else {}
-        scenario = scenario_copy(folder, **extra)
-        out = folder / "run"
-        proc = launch(scenario, out)
-        cpu = _sample_cpu(proc)
-        wait_launch(proc)
-        iso = isolated_compute(scenario)
-        rows, notes = analyse(out, cores, cpu, iso)
+        codes = [OURS]
+        if against:
+            codes.append(stack.enter_context(checkout(against)))
+        figures: dict[str, list[dict[str, float]]] = {c.label: [] for c in codes}
+        results: dict[str, tuple[list[Row], list[str]]] = {}
+        n = repeat if against else 1
+        for i in range(n):
+            for code in codes if i % 2 == 0 else codes[::-1]:
+                sub = folder / (code.label if n == 1 else f"{code.label}-{i + 1}")
+                rows, notes, figs = measure(sub, cores, rounds, code)
+                figures[code.label].append(figs)
+                results.setdefault(code.label, (rows, notes))
+        rows, notes = results[OURS.label]
         if steps:
-            rows += step_rows(round_steps(scenario), len(iso), cores)
+            step, check = round_steps(folder / "steps")
+            rows += step_rows(step, peers_of(QUICKSTART), cores, check)
             notes.append(
-                "step rows: one round of peer 0 taken apart, uncontended, alone on one "
-                "core (bench/_probe.py overhead; models sent to its own inbox)"
+                "step rows: one round of peer 0 taken apart, uncontended, alone on one core "
+                "(bench/_probe.py overhead: the real GossipPeer and its machine, two stand-in "
+                "neighbours' sockets in the same process)"
+            )
+        if against:
+            theirs = codes[1]
+            rows += compare_rows(figures[OURS.label], figures[theirs.label], theirs.label)
+            their_rows, _ = results[theirs.label]
+            rows += [
+                Row(f"  {theirs.label}: {r.metric.strip()}", r.value, r.unit, note=r.note)
+                for r in their_rows
+            ]
+            if steps:
+                try:
+                    step, check = round_steps(folder / f"steps-{theirs.label}", code=theirs)
+                    rows += step_rows(step, peers_of(QUICKSTART), cores, check, theirs.label)
+                except RuntimeError as exc:
+                    notes.append(f"{theirs.label}'s step probe failed: {str(exc)[-300:]}")
+            notes.append(
+                f"against {theirs.label}: the same launch and analysis run on a git worktree "
+                f"of {against} ({n} run(s) each, alternating); its compute and step rows "
+                f"come from its own bench/_probe.py (its steps are its own split of its round)"
             )
     return rows, notes
 
@@ -255,13 +401,26 @@ def run(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, help="override training.rounds (default: the file's)")
-    p.add_argument("--keep", type=Path, help="keep the run folder here")
+    p.add_argument("--keep", type=Path, help="keep the run folders here")
     p.add_argument("--no-steps", action="store_true", help="skip the per-step probe")
+    p.add_argument(
+        "--against",
+        metavar="REV",
+        help="also measure git revision REV (a temporary worktree) and print ours / REV",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --against: alternate the two N times, compare medians (default 1)",
+    )
     add_quiet_arg(p)
     args = p.parse_args()
     pre = preamble(args.wait_quiet)
-    rows, notes = run(args.rounds, args.keep, not args.no_steps)
-    print_table("rounds: quickstart time split and round overhead", rows, [*pre, *notes])
+    rows, notes = run(args.rounds, args.keep, not args.no_steps, args.against, args.repeat)
+    title = "rounds: quickstart time split and round overhead"
+    print_table(title + (f", against {args.against}" if args.against else ""), rows, [*pre, *notes])
 
 
 if __name__ == "__main__":

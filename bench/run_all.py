@@ -3,6 +3,8 @@
 `python bench/run_all.py` runs transport, rounds, startup, memory and modes one after
 the other (a few minutes in all) and prints the rows that have a target, then (with
 --full) each benchmark's whole table. Each benchmark is also a script of its own.
+`--against REV` runs bench/rounds.py's comparison with git revision REV as well (ours /
+REV for the median round and for round / compute floor; see bench/rounds.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ from _common import Row, add_quiet_arg, preamble, print_table
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="also print each benchmark's own table")
+    p.add_argument(
+        "--against",
+        metavar="REV",
+        help="rounds: also measure git revision REV and print ours / REV (bench/rounds.py)",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, metavar="N", help="rounds --against: alternate N times"
+    )
     add_quiet_arg(p)
     args = p.parse_args()
     pre = preamble(args.wait_quiet)
@@ -31,7 +41,7 @@ def main() -> None:
     sections: list[tuple[str, list[Row], list[str]]] = []
     t0 = time.perf_counter()
     sections.append(("transport", transport.run(), []))
-    sections.append(("rounds", *rounds.run()))
+    sections.append(("rounds", *rounds.run(against=args.against, repeat=args.repeat)))
     sections.append(("startup", *startup.run()))
     sections.append(("memory", *memory.run()))
     sections.append(("modes", *modes.run()))

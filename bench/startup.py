@@ -12,6 +12,10 @@
 3. One peer's start-up taken apart (bench/_probe.py startup): the same steps as
    `p2pfl peer`, alone and pinned to one core, with the RSS after each step; then the
    same under `python -X importtime`, summed by top-level package.
+4. With `--scale`: whole runs (40 rounds) of the quickstart with 8 peers (warm) and
+   with 64 peers, first on an empty compile cache (its own `P2PFL_CACHE`: cold), then
+   again on it (warm): the 64-peer warm run against 2.5 x the 8-peer one, and the cold
+   run against 1.5 x the warm one.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ from _common import (
     wait_launch,
 )
 
-TARGET_S = 3.0
+TARGET_S = 2.0
+SCALE_PEERS = 64
+SCALE_TARGET = 2.5  # 64-peer whole run / 8-peer whole run, warm
+COLD_TARGET = 1.5  # 64-peer whole run, cold cache / warm
 
 
 def _watch(proc: subprocess.Popen[bytes], peers: int) -> tuple[list[float], float | None]:
@@ -223,10 +230,49 @@ def run(repeats: int = 2, breakdown: bool = True) -> tuple[list[Row], list[str]]
     return rows, notes
 
 
+def whole_run(folder: Path, peers: int, env: dict[str, str] | None = None) -> float:
+    """Seconds from spawning `p2pfl launch` to its exit, for the quickstart with `peers`."""
+    folder.mkdir()
+    scenario = scenario_copy(folder, topology={"peers": peers})
+    t0 = time.time()
+    wait_launch(launch(scenario, folder / "run", env=env), timeout_s=600.0)
+    return time.time() - t0
+
+
+def scale(repeats: int) -> list[Row]:
+    """The 64-peer whole run against the 8-peer one (warm), and its cold run against warm."""
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        base = Path(tmp)
+        whole_run(base / "warm-up", 8)
+        small = [whole_run(base / f"p8-{i}", 8) for i in range(repeats)]
+        env = {**os.environ, "P2PFL_CACHE": str(base / "cache")}
+        cold = whole_run(base / "cold", SCALE_PEERS, env)
+        warm = [whole_run(base / f"p64-{i}", SCALE_PEERS, env) for i in range(repeats)]
+    s8, s64 = statistics.median(small), statistics.median(warm)
+    listed = ", ".join
+    return [
+        Row("8 peers: whole run, warm", s8, "s", note=listed(f"{t:.2f}" for t in small)),
+        Row(
+            f"{SCALE_PEERS} peers: whole run, warm",
+            s64,
+            "s",
+            note=listed(f"{t:.2f}" for t in warm),
+        ),
+        Row(f"{SCALE_PEERS} / 8 peers, whole run (warm)", s64 / s8, "x", SCALE_TARGET),
+        Row(f"{SCALE_PEERS} peers: whole run, cold cache", cold, "s"),
+        Row(f"{SCALE_PEERS} peers: cold / warm", cold / s64, "x", COLD_TARGET),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=2, help="measured launches (default 2)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the one-peer probe")
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help=f"also time whole runs of 8 and {SCALE_PEERS} peers, cold and warm (~2 min)",
+    )
     add_quiet_arg(p)
     args = p.parse_args()
     pre = preamble(args.wait_quiet)
@@ -234,6 +280,12 @@ def main() -> None:
     print_table(
         "startup: p2pfl launch -> first round, 8 peers, warm compile cache", rows, [*pre, *notes]
     )
+    if args.scale:
+        print_table(
+            f"startup at scale: whole runs, 8 vs {SCALE_PEERS} peers, cold vs warm cache",
+            scale(args.repeats),
+            ["wall clock from spawning `p2pfl launch` to its exit, 40 rounds"],
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 
 from p2pfl.config.learning import flips_labels, learning_spec
 from p2pfl.config.loader import parse
-from p2pfl.learning import local
+from p2pfl.learning import exported, local
 from p2pfl.learning.models import ModelDef, mlp
 from p2pfl.learning.trainer import Shard, Trainer, TrainState, make_trainer, pad_shard
 
@@ -224,3 +224,69 @@ def test_precompile_marker_follows_the_settings_that_shape_the_programs():
     assert marker(parse({"training": {"rounds": 3}})) == base
     assert marker(parse({"training": {"batch_size": 16}})) != base
     assert marker(parse({"topology": {"peers": 16}})) != base
+
+
+@pytest.fixture
+def program_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The exported-program store in a temporary folder (JAX's own cache left alone)."""
+    folder = tmp_path / exported.FOLDER
+    monkeypatch.setattr(exported, "store", lambda: folder)
+    return folder
+
+
+def _same(a: Any, b: Any) -> None:
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_exported_programs_compute_what_the_traced_trainer_computes(program_store: Path):
+    """Peers served by the exported programs (no tracing) get bit-identical states and metrics."""
+    spec = learning_spec(parse({"topology": {"peers": 4}, "model": {"init": "per_peer"}}))
+    local.export_steps(spec, 0, server=True)
+    assert any(program_store.iterdir())
+    for peer in (0, 3):
+        loc = local.build(spec, peer)
+        ref = local.make_peer_trainer(spec, local.peer_data(spec.data, peer)[1])
+        state = ref.init(spec.data.seed, *local.random_streams(spec.model, peer))
+        _same(loc.state, state)
+        assert isinstance(loc.trainer.train, exported.Program)
+        assert loc.trainer.train.serves(loc.state, loc.data.train)
+        assert loc.trainer.n_params == ref.n_params
+        ours = loc.state
+        for _ in range(2):
+            ours, loss = loc.trainer.train(ours, loc.data.train)
+            state, ref_loss = ref.train(state, loc.data.train)
+            assert isinstance(ours, TrainState)
+            _same(ours, state)
+            assert float(loss) == float(ref_loss)
+        host = np.asarray(ours.params)  # a peer evaluates host (mixed) parameters too
+        assert local.evaluate(loc.trainer, host, loc.data) == local.evaluate(ref, host, loc.data)
+    server = local.build_server(spec)
+    sets = (server.holdout,)
+    assert isinstance(server.trainer.evaluate_sets, exported.Program)
+    assert server.trainer.evaluate_sets.serves(server.params, sets)
+    _same(server.trainer.evaluate_sets(server.params, sets), ref.evaluate_sets(server.params, sets))
+
+
+def stack_args(loc: local.Local) -> tuple[TrainState, Shard]:
+    return loc.state, loc.data.train
+
+
+def test_exported_programs_fall_back_for_other_arguments(program_store: Path):
+    """Other shapes, vmap and a damaged store all run the traced functions, with their results."""
+    spec = learning_spec(parse({"topology": {"peers": 4}}))
+    local.export_steps(spec, 0)
+    loc = local.build(spec, 1)
+    ref = local.make_peer_trainer(spec, local.peer_data(spec.data, 1)[1])
+    n = loc.data.n_train
+    other = pad_shard(np.asarray(loc.data.train.x[:n]), np.asarray(loc.data.train.y[:n]), n + 3)
+    assert not loc.trainer.train.serves(loc.state, other)  # type: ignore[attr-defined]
+    _same(loc.trainer.train(loc.state, other), ref.train(loc.state, other))
+    stack = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), (loc.state, loc.data.train))
+    _same(jax.vmap(loc.trainer.train)(*stack), jax.vmap(ref.train)(*stack))
+    for path in program_store.iterdir():
+        path.write_bytes(b"not a program")
+    damaged = local.build(spec, 1)
+    _same(damaged.state, loc.state)
+    assert not isinstance(damaged.trainer.train, exported.Program)
+    _same(damaged.trainer.train(damaged.state, damaged.data.train), ref.train(*stack_args(loc)))

@@ -21,6 +21,7 @@ jax.export cannot name); the caller's pytrees are flattened and rebuilt around t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ def store() -> Path | None:
     return Path(cache) / FOLDER if cache else None
 
 
+@functools.cache
 def _source_digest() -> str:
     h = hashlib.sha256()
     for path in sorted(_LEARNING.glob("*.py")):
@@ -54,6 +56,7 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
+@functools.cache
 def _versions() -> dict[str, str]:
     import jaxlib
     import optax
@@ -113,7 +116,26 @@ def load(folder: Path | None, k: str) -> export.Exported | None:
         return None
     try:
         return export.deserialize(bytearray((folder / k).read_bytes()))
-    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+    except Exception:  # a missing or damaged entry only means tracing
+        return None
+
+
+def save_results(folder: Path, k: str, leaves: Sequence[Any]) -> None:
+    """Write a program's results (its flat list of arrays) under key `k`, atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{k}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, *[np.asarray(x) for x in leaves])
+    tmp.replace(folder / f"{k}.npz")
+
+
+def load_results(folder: Path | None, k: str) -> list[np.ndarray] | None:
+    """The results stored under key `k` (no pickle), or None."""
+    if folder is None:
+        return None
+    try:
+        with np.load(folder / f"{k}.npz", allow_pickle=False) as f:
+            return [f[f"arr_{i}"] for i in range(len(f.files))]
+    except Exception:  # a missing or damaged entry only means running init
         return None
 
 
@@ -135,6 +157,7 @@ class Program:
         self._traced = traced
         self._in_tree = jax.tree_util.tree_structure(args)
         self._avals = [] if program is None else _avals(program.in_avals)
+        self._out_avals = [] if program is None else list(program.out_avals)
         self._out_tree = out_tree
         self._call = None if program is None else jax.jit(program.call)
 
@@ -162,6 +185,17 @@ class Program:
                 return None
             flat.append(x)
         return flat
+
+    def serves(self, *args: Any) -> bool:
+        """Whether a call with `args` runs the exported program (not the traced function)."""
+        return self._flat(args) is not None
+
+    def results(self, leaves: Sequence[np.ndarray]) -> Any | None:
+        """`leaves` (stored results of this program) on the device as its result pytree,
+        or None when they are not shaped like its results."""
+        if self._call is None or _avals(leaves) != _avals(self._out_avals):
+            return None
+        return jax.tree_util.tree_unflatten(self._out_tree, jax.device_put(list(leaves)))
 
     def __call__(self, *args: Any) -> Any:
         flat = self._flat(args)

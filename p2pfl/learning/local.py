@@ -329,6 +329,26 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
     compile_steps(Local(data, trainer, state, ds.n_classes))
     if server:
         compile_server_steps(build_server(spec))
+    if folder is not None and isinstance(trainer.init, exported.Program):
+        # every peer's initial state, so that no peer loads the init program at all
+        settings = _program_settings(spec, ds)
+        for i in range(spec.data.peers):
+            args = _init_args(spec, i)
+            k = exported.key(settings, f"init results {args}", args)
+            exported.save_results(folder, k, jax.tree_util.tree_leaves(trainer.init(*args)))
+
+
+def _initial_state(
+    spec: LearningSpec, ds: datasets.Dataset, trainer: Trainer, args: tuple[int, int, int]
+) -> TrainState:
+    """`trainer.init(*args)`, read from the store when `export_steps` left it there."""
+    if isinstance(trainer.init, exported.Program):
+        k = exported.key(_program_settings(spec, ds), f"init results {args}", args)
+        leaves = exported.load_results(exported.store(), k)
+        state = None if leaves is None else trainer.init.results(leaves)
+        if state is not None:
+            return state
+    return trainer.init(*args)
 
 
 class Server(NamedTuple):
@@ -377,4 +397,4 @@ def build(spec: LearningSpec, peer_id: int, label_flip: bool = False) -> Local:
     data, ds = peer_data(spec.data, peer_id, label_flip)
     args = _init_args(spec, peer_id)
     trainer = _served_trainer(spec, ds, args, data.train, _eval_sets(data))
-    return Local(data, trainer, trainer.init(*args), ds.n_classes)
+    return Local(data, trainer, _initial_state(spec, ds, trainer, args), ds.n_classes)
