@@ -4,8 +4,8 @@ Every mode builds what a peer builds the way `p2pfl peer` builds it: the scenari
 through `p2pfl.runtime.roles.scenario`, the process set-up of `roles` (thread limits,
 logs, compile cache), the peer's plan from `p2pfl.config.plan.gossip_plan`, and the
 peer itself (`p2pfl.runtime.peer.GossipPeer`: `learning.local.build`, the sockets, the
-history, the sync-gossip machine). Nothing of the round is re-implemented here: the
-probe calls the pieces `GossipPeer` calls, in its order, and times them.
+history, the sync-gossip machine, its `Learner`). Nothing of the round is re-implemented
+here: the probe calls the pieces `GossipPeer` calls, in its order, and times them.
 
 `startup`: what `p2pfl peer` does before its first round (imports, scenario, logs,
 JAX + compile cache, plan, `GossipPeer(plan)` with `build`'s pieces and the sockets
@@ -14,17 +14,19 @@ line per step with the epoch time at its end and the process RSS, so the caller 
 attribute a peer's start-up time and memory.
 
 `compute`: the uncontended compute of a round for every peer of a scenario (local
-training + the evaluation of test and holdout), each peer built from its own plan.
+training + the evaluation of test and holdout, timed as the peer's history line times
+them: `Learner.train`'s train_s, `Learner.evaluate`'s seconds), each from its own plan.
 
 `overhead`: one gossip round of peer 0 taken apart, uncontended: the real
 `GossipPeer` of peer 0, with two stand-in neighbours (its graph neighbours' own
 sockets, at their own addresses, in this process) that send it their round-r model
 before it trains and swallow what it sends. Each step is the runtime's own call:
-train, the plan's transform, `SyncGossip.start_round` + `GossipPort.carry_out`
-(`node.encode`, the transport), `node.drive` (`GossipPort.receive` ->
-`node.decode` -> `SyncGossip.feed`), `SyncGossip.take`, `local_weights` +
-`stack_neighbourhood`, the plan's aggregator (the core gossip step), `with_params`,
-`evaluate`, `PeerHistory.write`, `checkpoint.save`, the `round_done` log line. As a
+`Learner.train` (train step, model to numpy, loss, the plan's transform),
+`SyncGossip.start_round` + `GossipPort.carry_out` (`node.encode`, the transport),
+`node.drive` (`GossipPort.receive` -> `node.decode` -> `SyncGossip.feed`),
+`SyncGossip.take`, `local_weights` + `stack_neighbourhood`, the plan's aggregator (the
+core gossip step), `Learner.with_params`, `Learner.evaluate`, `PeerHistory.write`, the
+`round_done` log line, `Learner.save` (the checkpoint). As a
 check that the steps are the whole round, the same peer then runs its own round
 method (what `GossipPeer.run` calls every round) plus its checkpoint, timed whole.
 
@@ -83,6 +85,7 @@ def startup(scenario_path: str, peer_id: int, out: Path) -> None:
     _emit("import jax + enable compile cache")
     from p2pfl.config.plan import gossip_plan
     from p2pfl.learning import local as local_mod
+    from p2pfl.runtime import learner as learner_mod
     from p2pfl.runtime import peer as peer_mod  # optax, zmq, msgpack, ...
 
     _emit("import p2pfl.runtime.peer + config.plan (optax, zmq, msgpack, ...)")
@@ -104,7 +107,7 @@ def startup(scenario_path: str, peer_id: int, out: Path) -> None:
         (local_mod, "peer_data", "load dataset + shard + device arrays"),
         (local_mod, "make_model", "make model"),
         (local_mod, "make_trainer", "make trainer (jit wrappers)"),
-        (peer_mod, "build", "trainer programs + init (rest of local.build)"),
+        (learner_mod, "build", "trainer programs + init (rest of local.build)"),
         (peer_mod, "with_faults", "open sockets (Transport + link faults)"),
     ]
     for module, name, label in pieces:
@@ -114,7 +117,7 @@ def startup(scenario_path: str, peer_id: int, out: Path) -> None:
     for label, t_end, rss in marks:
         print(json.dumps({"step": label, "t": t_end, "rss": rss}), flush=True)
     _emit("history file + sync machine (rest of GossipPeer())")
-    loc = peer.local
+    loc = peer.learner.local
     local_mod.evaluate(loc.trainer, loc.state.params, loc.data)  # what the round-0 line runs
     _emit("round-0 evaluation (evaluate: compile or cache load)", phase="ready")
     state, loss = loc.trainer.train(loc.state, loc.data.train)
@@ -133,25 +136,22 @@ def compute(scenario_path: str, reps: int) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-probe-"))
     s = _set_up(scenario_path, tmp / "probe.jsonl")
+    import structlog
+
     from p2pfl.config.plan import gossip_plan
-    from p2pfl.learning.local import build, evaluate
-    from p2pfl.learning.trainer import as_numpy
+    from p2pfl.runtime.learner import Learner
 
     for pid in range(s.peers):
-        plan = gossip_plan(s, pid, tmp)
-        loc = build(plan.learning, pid, plan.faults.label_flip)
-        d, tr, state = loc.data, loc.trainer, loc.state
+        learner = Learner(gossip_plan(s, pid, tmp), structlog.get_logger())
+        state = learner.local.state
         train, evals = [], []
         for i in range(reps + 2):
-            t0 = time.perf_counter()
-            state, _ = tr.train(state, d.train)
-            as_numpy(state.params)  # as the peer times it (train_s)
-            t1 = time.perf_counter()
-            evaluate(tr, state.params, d)
-            t2 = time.perf_counter()
+            trained = learner.train(state)  # train_s: as the peer's history line has it
+            state = trained.state
+            *_, eval_s = learner.evaluate(state.params)
             if i >= 2:  # the first calls compile (or load from the cache)
-                train.append(t1 - t0)
-                evals.append(t2 - t1)
+                train.append(trained.train_s)
+                evals.append(eval_s)
         print(
             json.dumps(
                 {
@@ -187,12 +187,12 @@ class _Neighbours:
             self.transports[j] = Transport(
                 pj.address, {p.peer_id: p.address}, peer.expect.max_frames
             )
-        own = np.asarray(peer.local.state.params, np.float32)
+        own = np.asarray(peer.learner.local.state.params, np.float32)
         rng = np.random.default_rng(0)
         self.models = {j: own + rng.normal(0, 0.01, own.shape).astype(np.float32) for j in self.ids}
         self.to = p.peer_id
         self.degree = {j: len(gossip_plan(s, j, out).sync.neighbours) for j in self.ids}
-        self.samples = peer.local.data.n_train
+        self.samples = peer.learner.local.data.n_train
 
     def send(self, round_: int) -> None:
         from p2pfl.protocol.events import Send
@@ -235,19 +235,14 @@ def overhead(scenario_path: str, reps: int) -> None:
     from p2pfl.config.plan import gossip_plan
     from p2pfl.core.graphs import local_weights
     from p2pfl.core.mixing import stack_neighbourhood
-    from p2pfl.learning.local import evaluate
-    from p2pfl.learning.trainer import as_numpy
-    from p2pfl.record import checkpoint
     from p2pfl.runtime.node import drive
     from p2pfl.runtime.peer import GossipPeer
 
     plan = gossip_plan(s, 0, tmp)
-    peer = GossipPeer(plan)  # its sockets, machine, history: what `p2pfl peer` runs
+    peer = GossipPeer(plan)  # its sockets, machine, history, learner: what `p2pfl peer` runs
     nbrs = _Neighbours(s, peer, tmp)
-    p, sync, port, lock = peer.plan, peer.sync, peer.port, peer.lock
-    trainer, d = peer.local.trainer, peer.local.data
-    state = peer.local.state
-    transform_state = peer.transform_state
+    p, sync, port, lock, learner = peer.plan, peer.sync, peer.port, peer.lock, peer.learner
+    state = learner.local.state
     steps: dict[str, list[float]] = {}
     waited: list[float] = []
 
@@ -269,14 +264,13 @@ def overhead(scenario_path: str, reps: int) -> None:
             sync.enter(r)
         structlog.contextvars.bind_contextvars(round=r)
         t0 = time.perf_counter()
-        state, loss = trainer.train(state, d.train)
-        own = as_numpy(state.params)
-        t0 = lap("train (jit call + device->numpy)", t0)
-        out, transform_state = p.transform.apply(own, transform_state)
+        trained = learner.train(state)
+        state, own = trained.state, trained.model
+        t0 = lap("Learner.train (train step, to numpy, loss, transform)", t0)
         with lock:
-            sends = sync.start_round(r, np.asarray(out), time.monotonic())
+            sends = sync.start_round(r, trained.sent, time.monotonic())
         port.carry_out(sends)
-        t0 = lap("transform + start_round + encode + send to 2 neighbours", t0)
+        t0 = lap("start_round + encode + send to 2 neighbours", t0)
         seen = drive(sync, port, sync.done, lock=lock, drain_first=True)
         waited.append(seen.blocked_s)
         t0 = lap("drive: recv + decode + feed 2 models (loopback)", t0)
@@ -295,25 +289,27 @@ def overhead(scenario_path: str, reps: int) -> None:
         params, spread = np.asarray(mixed.params), float(mixed.disagreement)
         t0 = lap("plan's aggregator (core gossip step) + to numpy", t0)
         if np.isfinite(params).all():
-            state = trainer.with_params(state, params)
-        t0 = lap("isfinite + with_params (numpy -> device)", t0)
-        test_acc, hold_acc = evaluate(trainer, state.params, d)
-        t0 = lap("evaluate test + holdout", t0)
+            state = learner.with_params(state, params)
+        t0 = lap("isfinite + Learner.with_params (numpy -> device)", t0)
+        test_acc, hold_acc, eval_s = learner.evaluate(state.params)
+        t0 = lap("Learner.evaluate (test + holdout)", t0)
         peer.history.write(
             r,
             test_accuracy=test_acc,
             holdout_accuracy=hold_acc,
             evaluated_on="mixed",
-            train_loss=float(loss),
+            train_loss=trained.loss,
+            train_s=trained.train_s,
+            eval_s=eval_s,
             heard=got.heard,
             missing=got.missing,
             disagreement=spread,
         )
-        t0 = lap("history line (float(loss) sync + json)", t0)
+        t0 = lap("history line (json)", t0)
         peer.log.info("round_done", holdout_accuracy=hold_acc, heard=len(got.heard))
         t0 = lap("structlog round_done line", t0)
-        checkpoint.save(peer.checkpoint, state, r)
-        lap("checkpoint.save (npz, atomic rename)", t0)
+        learner.save(state, r)
+        lap("Learner.save (checkpoint: npz, atomic rename)", t0)
         nbrs.drain(1)
     # the check: the peer's own round, as `GossipPeer.run` calls it, timed whole
     whole: list[float] = []
@@ -325,7 +321,7 @@ def overhead(scenario_path: str, reps: int) -> None:
                 sync.enter(r)
             t0 = time.perf_counter()
             state = own_round(r, state)
-            checkpoint.save(peer.checkpoint, state, r)
+            learner.save(state, r)
             whole.append(time.perf_counter() - t0)
             nbrs.drain(1)
     structlog.contextvars.unbind_contextvars("round")

@@ -157,33 +157,46 @@ class Program:
         self._traced = traced
         self._in_tree = jax.tree_util.tree_structure(args)
         self._avals = [] if program is None else _avals(program.in_avals)
+        self._specs = (
+            [(tuple(a.shape), np.dtype(a.dtype)) for a in program.in_avals] if program else []
+        )
         self._out_avals = [] if program is None else list(program.out_avals)
         self._out_tree = out_tree
         self._call = None if program is None else jax.jit(program.call)
+        self._device = jax.devices()[0]  # where a single-device program runs
 
     def _flat(self, args: tuple[Any, ...]) -> list[Any] | None:
         """`args` as the program's flat arguments, or None when they do not fit it.
 
         Python scalars and host arrays are converted as `jax.jit` would convert them.
+        Every argument is committed to the device (no copy for one already there): the
+        program's results are committed, and a jitted function keeps one executable per
+        placement of its arguments, so mixed placements would load the program again.
         """
         if self._call is None:
             return None
         leaves, tree = jax.tree_util.tree_flatten(args)
         if tree != self._in_tree:  # type: ignore[operator]
             return None
-        flat = []
-        for leaf, (shape, dtype) in zip(leaves, self._avals, strict=True):
-            if isinstance(leaf, jax.core.Tracer):
-                return None
-            x = leaf
-            if not isinstance(x, jax.Array):
-                x = np.asarray(x)
-                if str(jax.dtypes.canonicalize_dtype(x.dtype)) != dtype:
+        flat: list[Any] = []
+        moves: list[int] = []  # positions to commit to the device
+        for x, (shape, dtype) in zip(leaves, self._specs, strict=True):
+            if isinstance(x, jax.Array):
+                if isinstance(x, jax.core.Tracer) or x.shape != shape or x.dtype != dtype:
                     return None
-                x = x.astype(dtype, copy=False)
-            if x.shape != shape or str(x.dtype) != dtype:
+                if not x.committed:
+                    moves.append(len(flat))
+                flat.append(x)
+                continue
+            host = np.asarray(x)
+            if host.shape != shape or jax.dtypes.canonicalize_dtype(host.dtype) != dtype:
                 return None
-            flat.append(x)
+            moves.append(len(flat))
+            flat.append(host.astype(dtype, copy=False))
+        if moves:
+            placed = jax.device_put([flat[i] for i in moves], self._device)
+            for i, x in zip(moves, placed, strict=True):
+                flat[i] = x
         return flat
 
     def serves(self, *args: Any) -> bool:

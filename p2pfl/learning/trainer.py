@@ -205,10 +205,14 @@ def make_trainer(
 
 
 def with_params(state: TrainState, flat: FlatParams | np.ndarray) -> TrainState:
-    """`state` with its parameters replaced by `flat` (moved to the device as float32)."""
+    """`state` with its parameters replaced by `flat` (moved to the device as float32,
+    placed as the old ones were: committed to their device if they were, so a jitted
+    step sees the same argument placement every round)."""
     if isinstance(flat, jax.Array) and flat.dtype == jnp.float32:
         return state._replace(params=flat)
-    return state._replace(params=jax.device_put(np.asarray(flat, dtype=np.float32)))
+    old = state.params
+    where = old.sharding if isinstance(old, jax.Array) and old.committed else None
+    return state._replace(params=jax.device_put(np.asarray(flat, dtype=np.float32), where))
 
 
 def as_numpy(flat: FlatParams) -> np.ndarray:

@@ -30,14 +30,13 @@ import numpy as np
 import structlog
 
 from p2pfl.config.plan import ClientPlan
-from p2pfl.learning.local import build, evaluate
-from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
+from p2pfl.learning.trainer import FlatParams, TrainState
 from p2pfl.net.transport import Link
 from p2pfl.protocol import wire
 from p2pfl.protocol.fedavg_client import FedAvgClient, Finish, Lost, Task, Train, lines_on_adopt
-from p2pfl.record import checkpoint
 from p2pfl.record.history import save_model
 from p2pfl.record.rounds import PeerHistory
+from p2pfl.runtime.learner import Learner
 from p2pfl.runtime.node import drive
 from p2pfl.runtime.ports import LinkPort
 from p2pfl.runtime.process import die
@@ -66,19 +65,17 @@ class FedClient:
         self.plan = plan
         self.id = plan.peer_id
         self.out_dir = plan.run.out
-        self.local = build(plan.learning, plan.peer_id, plan.faults.label_flip)
-        n_params = self.local.trainer.n_params
+        self.log = log.bind(peer=self.id)
+        self.learner = Learner(plan, self.log)
+        n_params = self.learner.n_params
         expect = wire.Expect(plan.run.digest, plan.run.peers, {"params": (n_params,)})
         self.link = Link(plan.control, plan.updates, expect.max_frames)
         self.history = PeerHistory(self.out_dir / f"peer-{self.id}.jsonl", append=plan.resume)
-        self.checkpoint = checkpoint.path_for(self.out_dir, self.id)
-        self.log = log.bind(peer=self.id)
         self.port = LinkPort(self.link, expect, self.id, self.log, self.history)
-        config = dataclasses.replace(plan.client, samples=self.local.data.n_train)
+        config = dataclasses.replace(plan.client, samples=self.learner.local.data.n_train)
         self.machine = FedAvgClient(config, time.monotonic(), self.log)
         self.recorded = -1  # the last round with a history line
         self.trained: _Trained | None = None
-        self.transform_state = plan.transform.init(plan.run.seed, self.id)
 
     def _lost(self, reason: str) -> CoordinatorLostError:
         where = self.plan.control
@@ -114,9 +111,7 @@ class FedClient:
         global_params: np.ndarray | None,
     ) -> None:
         """The history line of `round_`, with the accuracy of `params` (see `_adopt`)."""
-        t = time.perf_counter()
-        test_acc, hold_acc = evaluate(self.local.trainer, params, self.local.data)
-        eval_s = time.perf_counter() - t
+        test_acc, hold_acc, eval_s = self.learner.evaluate(params)
         mine = self.trained if self.trained and self.trained.round == round_ else None
         disagreement = None
         if mine is not None and global_params is not None:
@@ -150,47 +145,39 @@ class FedClient:
             self.history.received(-size)  # the model that just came belongs to `done`
             self._record(mine.round, mine.model, "update", None)
             self.history.received(size)
-        state = self.local.trainer.with_params(state, params)
+        state = self.learner.with_params(state, params)
         if lines and lines[-1][1] == "global":
             self._record(done, state.params, "global", params)
         return state, params
 
     def _train(self, round_: int, state: TrainState) -> TrainState:
-        t = time.perf_counter()
-        state, loss = self.local.trainer.train(state, self.local.data.train)
-        model = as_numpy(state.params)
-        train_s = time.perf_counter() - t
-        if delay := self.plan.faults.slow_delay_s:
-            time.sleep(delay)  # an injected straggler (faults.slow), on purpose
-        out, self.transform_state = self.plan.transform.apply(model, self.transform_state)
-        update = self.machine.update(round_, float(loss), np.asarray(out), time.monotonic())
+        trained = self.learner.train(state)
+        update = self.machine.update(round_, trained.loss, trained.sent, time.monotonic())
         self.port.carry_out([update])
-        self.trained = _Trained(round_, float(loss), model, train_s)
-        checkpoint.save(self.checkpoint, state, round_)
-        return state
+        self.trained = _Trained(round_, trained.loss, trained.model, trained.train_s)
+        self.learner.save(trained.state, round_)
+        return trained.state
 
     def _restore(self) -> TrainState:
         """The checkpointed state (`--resume`: its optimizer state and key count; the
         parameters are replaced by the next global model), or the initial state."""
-        if self.plan.resume and self.checkpoint.exists():
-            saved = checkpoint.load(self.checkpoint, self.local.state)
+        saved = self.learner.restore(self.plan.resume)
+        if saved is not None:
             # its rounds before that are in the history; the line of saved.round itself
             # waited for the next global model, and the crash came first
             self.recorded = saved.round
-            self.log.info("resumed", round=saved.round)
             return saved.state
-        if self.plan.resume:
-            self.log.warning("no_checkpoint", path=str(self.checkpoint), starting="round 1")
-        self._record(0, self.local.state.params, "initial", None)
-        return self.local.state
+        initial = self.learner.local.state
+        self._record(0, initial.params, "initial", None)
+        return initial
 
     def run(self) -> None:
         """Join, train whenever sampled, and finish with the final global model."""
         state = self._restore()
         # Compile before saying hello: a sampled peer's first round must not spend the
         # round's deadline compiling (the gossip loop allows round 1 extra time instead).
-        d = self.local.data
-        self.local.trainer.train.lower(state, d.train).compile()  # type: ignore[attr-defined]
+        d = self.learner.local
+        d.trainer.train.lower(state, d.data.train).compile()  # type: ignore[attr-defined]
         self.port.carry_out([self.machine.hello(time.monotonic())])
         samples = self.machine.config.samples
         self.log.info("peer_started", coordinator=self.plan.control, samples=samples)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from p2pfl.config.plan import PeerFaults
-from p2pfl.core.transforms import ModelTransform
-from p2pfl.learning.local import Local, LearningSpec, build, evaluate
+from p2pfl.config.plan import ClientPlan, GossipPlan
+from p2pfl.learning.local import Local, build, evaluate
 from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
 from p2pfl.record import checkpoint
 
@@ -37,22 +35,13 @@ class Trained:
 class Learner:
     """One peer's learning set-up, outgoing transform state and checkpoint file."""
 
-    def __init__(
-        self,
-        learning: LearningSpec,
-        peer_id: int,
-        faults: PeerFaults,
-        transform: ModelTransform,
-        seed: int,
-        out: Path,
-        log: Any,
-    ) -> None:
-        self.local: Local = build(learning, peer_id, faults.label_flip)
-        self.faults = faults
-        self.checkpoint = checkpoint.path_for(out, peer_id)
+    def __init__(self, plan: GossipPlan | ClientPlan, log: Any) -> None:
+        self.local: Local = build(plan.learning, plan.peer_id, plan.faults.label_flip)
+        self.faults = plan.faults
+        self.checkpoint = checkpoint.path_for(plan.run.out, plan.peer_id)
         self.log = log
-        self._transform = transform
-        self._transform_state = transform.init(seed, peer_id)
+        self._transform = plan.transform
+        self._transform_state = plan.transform.init(plan.run.seed, plan.peer_id)
 
     @property
     def n_params(self) -> int:

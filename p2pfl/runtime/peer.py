@@ -32,8 +32,7 @@ from p2pfl.config.plan import GossipPlan
 from p2pfl.core.attacks import dissensus
 from p2pfl.core.graphs import local_weights
 from p2pfl.core.mixing import disagreement, stack_neighbourhood
-from p2pfl.learning.local import Local, build, evaluate
-from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
+from p2pfl.learning.trainer import TrainState, as_numpy
 from p2pfl.net.links import GossipTransport, with_faults
 from p2pfl.net.transport import Link, Transport
 from p2pfl.protocol import wire
@@ -41,9 +40,9 @@ from p2pfl.protocol.bootstrap import Bootstrap
 from p2pfl.protocol.catchup import CatchUp
 from p2pfl.protocol.events import Event, Received, Send
 from p2pfl.protocol.sync import SyncGossip
-from p2pfl.record import checkpoint
 from p2pfl.record.history import save_model
 from p2pfl.record.rounds import PeerHistory
+from p2pfl.runtime.learner import Learner
 from p2pfl.runtime.node import decode, drive, encode
 from p2pfl.runtime.process import die
 from p2pfl.runtime.ticker import Ticker
@@ -123,8 +122,8 @@ class GossipPeer:
         self.plan = p = plan
         self.id = p.peer_id
         self.log = log.bind(peer=p.peer_id)
-        self.local: Local = build(p.learning, p.peer_id, p.faults.label_flip)
-        n_params = self.local.trainer.n_params
+        self.learner = Learner(plan, self.log)
+        n_params = self.learner.n_params
         self.expect = wire.Expect(p.run.digest, p.run.peers - 1, {"params": (n_params,)})
         self.transport = with_faults(
             Transport(p.address, p.neighbour_addresses, self.expect.max_frames),
@@ -135,11 +134,9 @@ class GossipPeer:
         self.history = PeerHistory(p.run.out / f"peer-{p.peer_id}.jsonl", append=p.resume)
         self.port = GossipPort(self.transport, self.expect, p.peer_id, self.history, self.log)
         self.lock = threading.Lock()  # around every call of the machines: loop and ticker
-        config = dataclasses.replace(p.sync, samples=self.local.data.n_train)
+        config = dataclasses.replace(p.sync, samples=self.learner.local.data.n_train)
         craft = self._craft if p.gains else None
         self.sync = SyncGossip(config, time.monotonic(), self.log, craft)
-        self.transform_state = p.transform.init(p.run.seed, p.peer_id)
-        self.checkpoint = checkpoint.path_for(p.run.out, p.peer_id)
         self.ticker: Ticker | None = None
         self.link: Link | None = None
         self.boot: Bootstrap | None = None
@@ -154,11 +151,6 @@ class GossipPeer:
         with self.lock:
             sends = self.sync.heartbeats(time.monotonic())
         self.port.carry_out(sends)
-
-    def _evaluate(self, params: FlatParams) -> tuple[float, float | None, float]:
-        t = time.perf_counter()
-        test_acc, hold_acc = evaluate(self.local.trainer, params, self.local.data)
-        return test_acc, hold_acc, time.perf_counter() - t
 
     def _bootstrap(self) -> None:
         """Register with the coordinator and connect to the neighbours it names.
@@ -188,18 +180,12 @@ class GossipPeer:
         self.boot = boot
 
     def _round(self, round_: int, state: TrainState) -> TrainState:
-        p, trainer, d = self.plan, self.local.trainer, self.local.data
+        p = self.plan
+        trained = self.learner.train(state)
+        state, own = trained.state, trained.model
         t = time.perf_counter()
-        state, loss = trainer.train(state, d.train)
-        own = as_numpy(state.params)
-        train_s = time.perf_counter() - t
-
-        if delay := p.faults.slow_delay_s:
-            time.sleep(delay)  # an injected straggler (faults.slow), on purpose
-        t = time.perf_counter()
-        out, self.transform_state = p.transform.apply(own, self.transform_state)
         with self.lock:
-            sends = self.sync.start_round(round_, np.asarray(out), time.monotonic())
+            sends = self.sync.start_round(round_, trained.sent, time.monotonic())
         self.port.carry_out(sends)
         seen = drive(self.sync, self.port, self.sync.done, lock=self.lock, drain_first=True)
         with self.lock:
@@ -214,19 +200,19 @@ class GossipPeer:
         )
         params, spread = self._mix(own, stack, w)
         if np.isfinite(params).all():
-            state = trainer.with_params(state, params)
+            state = self.learner.with_params(state, params)
         else:  # finite but huge neighbour values can overflow float32 when summed
             self.log.error("mixed_model_not_finite", heard=got.heard, kept="own model")
         comm_s = time.perf_counter() - t - seen.blocked_s
 
-        test_acc, hold_acc, eval_s = self._evaluate(state.params)
+        test_acc, hold_acc, eval_s = self.learner.evaluate(state.params)
         self.history.write(
             round_,
             test_accuracy=test_acc,
             holdout_accuracy=hold_acc,
             evaluated_on="mixed",
-            train_loss=float(loss),
-            train_s=train_s,
+            train_loss=trained.loss,
+            train_s=trained.train_s,
             eval_s=eval_s,
             comm_s=comm_s,
             heard=got.heard,
@@ -252,13 +238,11 @@ class GossipPeer:
 
     def _restore(self) -> tuple[TrainState, int]:
         """The checkpointed state and its round (`--resume`), or the initial state."""
-        if self.plan.resume and self.checkpoint.exists():
-            saved = checkpoint.load(self.checkpoint, self.local.state)
-            self.log.info("resumed", round=saved.round)
+        saved = self.learner.restore(self.plan.resume)
+        if saved is not None:
             return saved.state, saved.round
-        if self.plan.resume:
-            self.log.warning("no_checkpoint", path=str(self.checkpoint), starting="round 1")
-        test_acc, hold_acc, eval_s = self._evaluate(self.local.state.params)
+        initial = self.learner.local.state
+        test_acc, hold_acc, eval_s = self.learner.evaluate(initial.params)
         self.history.write(
             0,
             test_accuracy=test_acc,
@@ -266,7 +250,7 @@ class GossipPeer:
             evaluated_on="initial",
             eval_s=eval_s,
         )
-        return self.local.state, 0
+        return initial, 0
 
     def _catch_up(self, state: TrainState, last: int) -> tuple[TrainState, int]:
         """After a restart: the neighbours' newest models (the catch-up machine), combined
@@ -291,7 +275,7 @@ class GossipPeer:
             neighbours={str(j): r for j, (r, _) in sorted(got.models.items())},
             resent=got.resent,
         )
-        return self.local.trainer.with_params(state, params), got.to_round
+        return self.learner.with_params(state, params), got.to_round
 
     def run(self) -> None:
         """Every round of the run, then the final model to `models/peer-<id>.npz`.
@@ -310,7 +294,7 @@ class GossipPeer:
         if last > 0:
             state, last = self._catch_up(state, last)
         self.log.info(
-            "peer_started", neighbours=list(p.sync.neighbours), params=self.local.trainer.n_params
+            "peer_started", neighbours=list(p.sync.neighbours), params=self.learner.n_params
         )
         crash = None if p.resume else p.faults.crash_round
         for r in range(last + 1, p.run.rounds + 1):
@@ -320,7 +304,7 @@ class GossipPeer:
             if r == crash:
                 die(self.log)
             state = self._round(r, state)
-            checkpoint.save(self.checkpoint, state, r)
+            self.learner.save(state, r)
         structlog.contextvars.unbind_contextvars("round")
         self.ticker.stop()
         self.port.quiet().carry_out(self.sync.bye())  # no alarm: they stop waiting for us
