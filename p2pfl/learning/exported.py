@@ -139,6 +139,13 @@ def load_results(folder: Path | None, k: str) -> list[np.ndarray] | None:
         return None
 
 
+def committed(tree: Any) -> Any:
+    """`tree`'s arrays committed to the default device (no copy when they are there):
+    how a `Program` takes its arguments, so that ones placed once are not placed again
+    at every call."""
+    return jax.device_put(tree, jax.devices()[0])
+
+
 class Program:
     """A jitted function served by an exported program for the one argument signature it
     was exported for, and by the traced function for any other (or for all, without a
@@ -156,10 +163,8 @@ class Program:
     ) -> None:
         self._traced = traced
         self._in_tree = jax.tree_util.tree_structure(args)
-        self._avals = [] if program is None else _avals(program.in_avals)
-        self._specs = (
-            [(tuple(a.shape), np.dtype(a.dtype)) for a in program.in_avals] if program else []
-        )
+        ins = [] if program is None else program.in_avals
+        self._specs = [(tuple(a.shape), np.dtype(a.dtype)) for a in ins]  # shape, dtype
         self._out_avals = [] if program is None else list(program.out_avals)
         self._out_tree = out_tree
         self._call = None if program is None else jax.jit(program.call)

@@ -368,6 +368,8 @@ def build_server(spec: LearningSpec) -> Server:
     ds, holdout = _server_holdout(spec.data)
     args = (spec.data.seed, streams.SHARED_INIT, streams.TRAIN_BASE)
     trainer = _served_trainer(spec, ds, args, None, (holdout,))
+    if isinstance(trainer.evaluate_sets, exported.Program):
+        holdout = exported.committed(holdout)
     return Server(trainer, trainer.init(*args).params, holdout)
 
 
@@ -397,4 +399,8 @@ def build(spec: LearningSpec, peer_id: int, label_flip: bool = False) -> Local:
     data, ds = peer_data(spec.data, peer_id, label_flip)
     args = _init_args(spec, peer_id)
     trainer = _served_trainer(spec, ds, args, data.train, _eval_sets(data))
+    if isinstance(trainer.train, exported.Program):  # placed once, not at every round
+        hold = None if data.holdout is None else exported.committed(data.holdout)
+        train, test = exported.committed((data.train, data.test))
+        data = data._replace(train=train, test=test, holdout=hold)
     return Local(data, trainer, _initial_state(spec, ds, trainer, args), ds.n_classes)

@@ -19,7 +19,8 @@ reason the caller logs before dropping the message. Nothing is ever unpickled.
 Neither side copies a model. `encode` returns views on the array; `decode` returns
 each array as a `Chunked`: read-only views on the frames it arrived in, checked frame
 by frame, never joined into one fresh array (for a 50 MB model that join cost more
-than the rest of the receive path). `gossip.mix` consumes `Chunked` as it is.
+than the rest of the receive path). A consumer reads each `Chunked` once: the gossip
+peer copies it straight into its row of the neighbourhood stack (`core.mixing.stack_neighbourhood`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Chunked:
     The frames are deliberately not joined into one array: at 50 MB that join is a
     fresh allocation (an mmap and a page fault per 4 KiB) plus a full copy on every
     message, more than the rest of the receive path together. Consumers that read the
-    array once anyway (`gossip.mix`) walk `chunks` in order; `join()` (or
+    array once anyway walk `chunks` in order; `join()` (or
     `np.asarray(x)`) gives one array of `shape` when one is really needed, without a
     copy if the array arrived in a single frame. The chunks keep the received frames
     alive, so hold a `Chunked` only as long as the model is needed.
