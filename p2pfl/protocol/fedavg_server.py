@@ -10,6 +10,8 @@ kept). The runtime then aggregates `closing.updates` with `closing.weights`, eva
 records, and hands the new model back with `close_round`; the next round starts on the
 next `tick`. After the last round every member gets end_session with the final model
 (retried where it could not be queued) and the server waits, bounded, for the byes.
+Membership (hello, heartbeats, bye, which connection speaks for which peer, who is
+fresh) is `p2pfl.protocol.fedavg_members.Members`; this machine keeps the rounds.
 
 The machine never touches a socket or a clock: every call takes `now` (seconds on any
 monotonic clock) and returns the `Send`s to carry out; a send that could not be queued
@@ -27,6 +29,7 @@ import structlog
 
 from p2pfl.protocol import wire
 from p2pfl.protocol.events import Event, Malformed, Send
+from p2pfl.protocol.fedavg_members import Member, Members
 from p2pfl.protocol.fedavg_rounds import (
     ClosedRound,
     Update,
@@ -35,7 +38,6 @@ from p2pfl.protocol.fedavg_rounds import (
     sample,
     stack_updates,
 )
-from p2pfl.protocol.liveness import Liveness
 
 __all__ = ["ClosedRound", "FedAvgServer", "ServerConfig", "Update", "stack_updates"]
 
@@ -65,11 +67,6 @@ class ServerConfig:
 
 
 @dataclass
-class _Member:
-    routing_id: bytes  # the control connection it said hello on
-
-
-@dataclass
 class _Round:
     """The open round: who was sampled, whose update may still come, what came."""
 
@@ -81,9 +78,28 @@ class _Round:
     expected: set[int]
     updates: dict[int, Update] = field(default_factory=dict)
 
+    def close(self, round_: int, config: ServerConfig) -> ClosedRound:
+        """This round closed with what came: why, and its weights (none if quorum_missed)."""
+        closed_by = close_reason(self.updates, self.sampled, self.expected, config.min_updates)
+        weights = {}
+        if closed_by != "quorum_missed":
+            uniform = config.weighting == "uniform"
+            weights = {j: 1.0 if uniform else float(u.samples) for j, u in self.updates.items()}
+        return ClosedRound(
+            round=round_,
+            closed_by=closed_by,
+            sampled=self.sampled,
+            connected=self.connected,
+            updates=dict(self.updates),
+            weights=weights,
+            started=self.started,
+            quorum_wait_s=self.quorum_wait_s,
+            last=round_ == config.rounds,
+        )
+
 
 class FedAvgServer:
-    """The FedAvg server's decisions: membership, liveness, quorum, sampling, rounds, end.
+    """The FedAvg server's decisions: quorum, sampling, rounds, end (membership: `Members`).
 
     Args:
         config: the session's settings.
@@ -101,9 +117,7 @@ class FedAvgServer:
         self.round = 1 if config.rounds > 0 else 0  # the round waited for, open or closing
         self.closed = 0  # the last round closed: updates for it or earlier are late
         self.phase: Phase = "idle"
-        self.members: dict[int, _Member] = {}
-        self.liveness: Liveness[int] = Liveness([], config.peer_timeout_s)
-        self.left: set[int] = set()
+        self.membership = Members(config.peer_timeout_s, self.log)
         self.open: _Round | None = None
         self.closing: ClosedRound | None = None  # a closed round for the runtime to aggregate
         self.aborted: str | None = None  # why the session was given up (too few peers)
@@ -113,6 +127,11 @@ class FedAvgServer:
         self._last_beat = -math.inf
 
     # -- the runtime's calls ----------------------------------------------------------
+
+    @property
+    def members(self) -> dict[int, Member]:
+        """The joined peers by id, in the order they joined (a view: do not change it)."""
+        return self.membership.joined
 
     @property
     def done(self) -> bool:
@@ -126,12 +145,11 @@ class FedAvgServer:
 
     def route(self, peer: int) -> bytes | None:
         """The routing id a send to `peer` goes to (None: not a member)."""
-        member = self.members.get(peer)
-        return member.routing_id if member is not None else None
+        return self.membership.route(peer)
 
     def live(self, now: float) -> list[int]:
         """Members heard within `peer_timeout_s`, sorted: the ones sampled and heartbeated."""
-        return self.liveness.fresh(now)
+        return self.membership.fresh(now)
 
     def feed(self, event: Event, now: float) -> list[Send]:
         """Take one received (or malformed) message; returns what to send now."""
@@ -220,15 +238,19 @@ class FedAvgServer:
         return []
 
     def _abort(self, live: int) -> list[Send]:
+        """Give the session up (too few peers): end_session with the reason to everyone."""
         c = self.config
         self.aborted = (
             f"only {live} of the {c.min_peers} peers needed (centralized.min_peers) "
             f"were connected after {c.startup_timeout_s:g} s"
         )
         self.phase = "aborted"
-        return [Send(p, "end_session", self.round, {"error": self.aborted}) for p in self.members]
+        return [
+            Send(p, "end_session", self.round, {"error": self.aborted}) for p in self.membership
+        ]
 
     def _start(self, live: list[int], now: float) -> list[Send]:
+        """Open the round: start_round with the global model to a seeded sample of `live`."""
         c = self.config
         sampled = sample(
             live, self.round, seed=c.seed, fraction=c.fraction, min_updates=c.min_updates
@@ -246,103 +268,67 @@ class FedAvgServer:
 
     def _check_close(self, now: float) -> None:
         """Close the open round once no awaited update is missing, or at its deadline."""
-        r, c = self.open, self.config
+        r = self.open
         if self.phase != "open" or r is None:
             return
         if r.expected - set(r.updates) and now < r.deadline:
             return
-        closed_by = close_reason(r.updates, r.sampled, r.expected, c.min_updates)
-        missing = sorted(set(r.sampled) - set(r.updates))
-        if missing:
-            self.log.warning("round_missing_updates", missing=missing, closed_by=closed_by)
-        weights = {}
-        if closed_by != "quorum_missed":
-            uniform = c.weighting == "uniform"
-            weights = {j: 1.0 if uniform else float(u.samples) for j, u in r.updates.items()}
-        self.closing = ClosedRound(
-            round=self.round,
-            closed_by=closed_by,
-            sampled=r.sampled,
-            connected=r.connected,
-            updates=dict(r.updates),
-            weights=weights,
-            started=r.started,
-            quorum_wait_s=r.quorum_wait_s,
-            last=self.round == c.rounds,
-        )
+        closing = self.closing = r.close(self.round, self.config)
+        if missing := sorted(set(r.sampled) - set(r.updates)):
+            self.log.warning("round_missing_updates", missing=missing, closed_by=closing.closed_by)
         self.closed = self.round  # updates for this round are late from now on
         self.phase = "closing"
 
     def _end_send(self, peer: int) -> Send:
+        """end_session with the final model to `peer` (marked sent until `undelivered`)."""
         self.end_unsent.discard(peer)  # added back if `undelivered` says so
         return Send(peer, "end_session", self.round, {}, {"params": self.model})
 
     def _end(self) -> list[Send]:
         """end_session with the final model to every member; the bye wait starts next."""
         self.phase, self._bye_deadline = "ending", None
-        return [self._end_send(p) for p in list(self.members)]
+        return [self._end_send(p) for p in list(self.membership)]
 
     def _await_byes(self, now: float) -> list[Send]:
         """Retry the unsent end_sessions until every member said bye, or the wait is over."""
         if self._bye_deadline is None:
             self._bye_deadline = now + max(END_WAIT_S, self.config.coordinator_timeout_s)
-        if not self.members:
+        if not self.membership:
             self.phase = "done"
         elif now >= self._bye_deadline:
-            self.log.warning("no_bye", peers=sorted(self.members))
+            self.log.warning("no_bye", peers=sorted(self.membership))
             self.phase = "done"
         if self.phase == "done":
             return []
-        return [self._end_send(p) for p in sorted(self.end_unsent & set(self.members))]
+        return [self._end_send(p) for p in sorted(self.end_unsent & set(self.membership))]
 
     # -- messages ---------------------------------------------------------------------
 
     def _drop(self, reason: str, **fields: object) -> None:
+        """Log a message that changes nothing, and why."""
         self.log.warning("message_dropped", reason=reason, **fields)
 
     def _on_control(self, origin: bytes, msg: wire.Message, now: float) -> list[Send]:
-        member = self.members.get(msg.sender)
-        if msg.type == "hello":
-            return self._on_hello(origin, msg, now)
-        if member is None:
-            self._drop("sender has not joined", sender=msg.sender, type=msg.type)
-        elif member.routing_id != origin:
-            self._drop("sender id claimed from another connection", sender=msg.sender)
-        elif msg.type == "heartbeat":
-            self.liveness.heard(msg.sender, now)
-        elif msg.type == "bye":
-            self._forget(msg.sender)
-            self.left.add(msg.sender)
-            self.log.info("peer_left", sender=msg.sender)
-        else:
-            self._drop(f"unexpected message type {msg.type!r} on the control channel")
-        return []
-
-    def _forget(self, peer: int) -> None:
-        """A member gone for good (bye): its update, if any, is not coming either."""
-        del self.members[peer]
-        self.liveness.forget(peer)
-        self.end_unsent.discard(peer)
-        if self.open is not None:
-            self.open.expected.discard(peer)
-
-    def _on_hello(self, origin: bytes, msg: wire.Message, now: float) -> list[Send]:
-        back = msg.sender in self.members or msg.sender in self.left
-        self.members[msg.sender] = _Member(origin)
-        self.liveness.add(msg.sender, now)
-        self.left.discard(msg.sender)
-        if self.open is not None:  # restarted mid-round: it never got this start_round
-            self.open.expected.discard(msg.sender)
-        self.log.info("peer_joined", sender=msg.sender, rejoin=back, round=self.round)
+        """A control message, applied by `membership`; a joiner or leaver is not awaited."""
+        what = self.membership.control(origin, msg, now)
+        if what is not None and self.open is not None:  # gone, or restarted mid-round:
+            self.open.expected.discard(msg.sender)  # its update is not coming
+        if what == "bye":
+            self.end_unsent.discard(msg.sender)  # no end_session to retry either
+        if what not in ("hello", "rejoin"):
+            return []
+        rejoin = what == "rejoin"
+        self.log.info("peer_joined", sender=msg.sender, rejoin=rejoin, round=self.round)
         if self.ending:  # too late for any round: it gets the final model at once
             return [self._end_send(msg.sender)]
         return [Send(msg.sender, "welcome", self.round, {"round": self.round})]
 
     def _on_update(self, msg: wire.Message, now: float) -> None:
+        """An update on the update channel: kept if it is for the open round and awaited."""
         r = self.open if self.phase == "open" else None
         if msg.type != "update":
             self._drop(f"unexpected message type {msg.type!r} on the update channel")
-        elif msg.sender not in self.members:
+        elif msg.sender not in self.membership:
             self._drop("update from a peer that has not joined", sender=msg.sender)
         elif msg.round <= self.closed:
             self.log.info("late_update", sender=msg.sender, msg_round=msg.round)
@@ -359,5 +345,5 @@ class FedAvgServer:
         elif isinstance(got := parse_update(msg), str):
             self._drop(got, sender=msg.sender)
         else:
-            self.liveness.heard(msg.sender, now)
+            self.membership.heard(msg.sender, now)
             r.updates[msg.sender] = got
