@@ -27,8 +27,8 @@ RATE_BYTES_S = 10e6 / 8  # 10 Mbit/s
 # so 1 s is generous (3-10 rounds) yet keeps ~20 losses affordable. Start-up takes up
 # to ~4 s between the first and the last peer on 2 busy cores: 10 s covers it. A peer
 # stops waiting for a neighbour's lost model as soon as that neighbour's next one
-# arrives (seed 0 loses 6 -> 7 in round 1: before that rule, peer 7 waited 11 s, fell
-# behind and gossiped alone to ~0.90).
+# arrives (when a round-1 model was lost, before that rule, its receiver waited 11 s,
+# fell behind and gossiped alone to ~0.90).
 GOSSIP = {"round_timeout_s": 1.0, "startup_timeout_s": 10.0}
 
 

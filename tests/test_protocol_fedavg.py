@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from p2pfl.core import streams
 from p2pfl.protocol import wire
 from p2pfl.protocol.events import COORDINATOR, Malformed, Received, Send
 from p2pfl.protocol.fedavg_client import (
@@ -137,7 +138,7 @@ def test_late_joiner_is_welcomed_into_the_round_and_sampled_from_the_next():
 
 @pytest.mark.parametrize(("fraction", "min_updates", "k"), [(0.5, 1, 2), (0.1, 1, 1), (0.1, 2, 2)])
 def test_sampling_is_seeded_and_respects_fraction_and_min_updates(fraction, min_updates, k):
-    """k = max(min_updates, ceil(fraction * live)) fresh peers from [seed, round, SAMPLE]."""
+    """k = max(min_updates, ceil(fraction * live)) fresh peers from [seed, SAMPLE, round]."""
     runs = []
     for _ in range(2):
         s = server(rounds=6, fraction=fraction, min_updates=min_updates, min_peers=PEERS)
@@ -157,7 +158,7 @@ def test_sampling_is_seeded_and_respects_fraction_and_min_updates(fraction, min_
     assert runs[0] == runs[1]  # reproducible
     assert all(len(x) == k for x in runs[0])
     for r, sampled in enumerate(runs[0], start=1):
-        draw = np.random.default_rng([7, r, 3]).choice(list(range(PEERS)), size=k, replace=False)
+        draw = streams.rng(7, streams.SAMPLE, r).choice(list(range(PEERS)), size=k, replace=False)
         assert sampled == tuple(sorted(int(i) for i in draw))
     if k < PEERS:
         assert len(set(runs[0])) > 1  # a fresh sample every round
@@ -252,7 +253,8 @@ def test_close_round_without_a_closed_round_is_an_error():
 
 def test_update_checks_in_the_server():
     """Not sampled, bad samples or loss, late, wrong round, duplicate: dropped; one kept."""
-    s = server(rounds=3, min_peers=3, fraction=0.5, min_updates=2)
+    # seed 14 samples peers (1, 2) in round 1 and (0, 2) in round 2
+    s = server(rounds=3, min_peers=3, fraction=0.5, min_updates=2, seed=14)
     join(s, [0, 1, 2])
     assert s.open.sampled == (1, 2)
     s.feed(update(1, 1), 0.1)

@@ -32,7 +32,9 @@ from p2pfl.runtime import process
 
 TIMEOUT_S = 300.0  # longest wait for the compile before the peers start anyway
 _PR_SET_PDEATHSIG = 1
-_LEARNING = Path(__file__).resolve().parents[1] / "learning"  # the code behind the programs
+_PACKAGE = Path(__file__).resolve().parents[1]
+# the code behind the programs: the learning layer, and the gossip step
+_SOURCES = [*sorted((_PACKAGE / "learning").glob("*.py")), _PACKAGE / "core" / "mixing.py"]
 
 
 def marker(s: Scenario) -> Path | None:
@@ -56,7 +58,7 @@ def marker(s: Scenario) -> Path | None:
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("XLA_", "JAX_"))},
     }
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for path in sorted(_LEARNING.glob("*.py")):
+    for path in _SOURCES:
         h.update(path.read_bytes())
     return process.compile_cache_dir() / "p2pfl-precompiled" / h.hexdigest()[:32]
 
@@ -72,12 +74,32 @@ def child_main(s: Scenario, core: int, stderr_path: str, done: str | None) -> No
     from p2pfl.config.learning import learning_spec
     from p2pfl.learning import local
 
-    local.export_steps(learning_spec(s), 0, server=s.mode == "centralized")
+    loc = local.export_steps(learning_spec(s), 0, server=s.mode == "centralized")
+    _compile_mixing(s, loc.trainer.n_params)
     if done is not None:
         Path(done).parent.mkdir(parents=True, exist_ok=True)
         Path(done).touch()
     sys.stderr.flush()
     os._exit(0)  # skip XLA's teardown, as a finished peer does
+
+
+def _compile_mixing(s: Scenario, n_params: int) -> None:
+    """Compile the gossip step every peer calls after its first round's training (for
+    each neighbourhood size of the topology) into the cache, so that on a cold cache
+    the peers do not all compile it at once."""
+    if s.mode != "gossip":
+        return  # the server's FedAvg step stacks however many updates came: not known
+    import jax
+    import numpy as np
+
+    from p2pfl.core import mixing
+    from p2pfl.core.graphs import build_graph
+
+    # "mean" is gossip_step itself; the robust rules run in numpy and report its figure
+    step = mixing.gossip_step if s.gossip.aggregator == "mean" else mixing.disagreement
+    for k in sorted({d for _, d in build_graph(s.topology, s.seed, s.base_dir).degree()}):
+        shapes = ((n_params,), (k, n_params), (k,))
+        step.lower(*(jax.ShapeDtypeStruct(x, np.float32) for x in shapes)).compile()
 
 
 def run(ctx: Any, s: Scenario, core: int, stderr_path: Path) -> bool:

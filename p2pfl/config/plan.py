@@ -138,7 +138,7 @@ def _faults(s: Scenario, peer_id: int) -> PeerFaults:
         label_flip=attack is not None and attack.attack == "label_flip",
         link_delay_ms=s.faults.link_delay_ms,
         link_drop=s.faults.link_drop,
-        link_seed=(s.seed, peer_id, streams.LINK),
+        link_seed=(s.seed, streams.LINK, peer_id),
     )
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-# numpy: np.random.default_rng([seed, <stream>, ...])
+# numpy: np.random.default_rng([seed, <stream>, ...]), the stream number always second,
+# so no two uses can ever draw the same sequence
 HOLDOUT = 1  # [seed, HOLDOUT]: which samples form the common holdout
 SPLIT = 2  # [seed, SPLIT]: how the pool is dealt out to the peers
 PEER_TEST = 3  # [seed, PEER_TEST, peer]: a peer's own train/test split of its shard
-SAMPLE = 3  # [seed, round, SAMPLE]: which peers the server samples in a round
+SAMPLE = 4  # [seed, SAMPLE, round]: which peers the server samples in a round
 ATTACK = 11  # a Byzantine peer's noise; drawn in JAX, from stream ATTACK_KEY below
-LINK = 12  # [seed, peer, LINK]: which messages a faulty link loses
+LINK = 12  # [seed, LINK, peer]: which messages a faulty link loses
 
 # JAX: jax.random.fold_in(PRNGKey(seed), <stream>). Streams 0 .. peers - 1 are the
 # peers' own initial models (model.init = "per_peer"): named streams sit far above.

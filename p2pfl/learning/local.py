@@ -298,10 +298,11 @@ def _served_trainer(
     )
 
 
-def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> None:
+def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> Local:
     """Export peer `peer_id`'s init, train and evaluate programs (with `server`, the
     server's evaluate too) into the store, then compile them as every peer calls them,
-    which fills the persistent compile cache with what the peers will load.
+    which fills the persistent compile cache with what the peers will load; store every
+    peer's initial state too. Returns peer `peer_id`'s `Local`, served by the programs.
 
     Every peer of a scenario whose shards have these shapes then skips tracing. Does
     nothing beyond `compile_steps` when no persistent compile cache is on.
@@ -325,8 +326,8 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
             k = exported.key(settings, name, fn_args)
             exported.save(folder, k, exported.export_flat(fn, fn_args))
     trainer = _served_trainer(spec, ds, _init_args(spec, peer_id), data.train, _eval_sets(data))
-    state = trainer.init(*_init_args(spec, peer_id))
-    compile_steps(Local(data, trainer, state, ds.n_classes))
+    loc = Local(data, trainer, trainer.init(*_init_args(spec, peer_id)), ds.n_classes)
+    compile_steps(loc)
     if server:
         compile_server_steps(build_server(spec))
     if folder is not None and isinstance(trainer.init, exported.Program):
@@ -336,6 +337,7 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
             args = _init_args(spec, i)
             k = exported.key(settings, f"init results {args}", args)
             exported.save_results(folder, k, jax.tree_util.tree_leaves(trainer.init(*args)))
+    return loc
 
 
 def _initial_state(

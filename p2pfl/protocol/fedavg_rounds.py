@@ -74,10 +74,10 @@ def sample(
     """Round `round_`'s sample of the fresh peers `live` (sorted), reproducibly.
 
     k = min(n, max(min_updates, ceil(fraction * n))) of the n, drawn without replacement
-    from the numpy stream `[seed, round, SAMPLE]`; returned sorted.
+    from the numpy stream `[seed, SAMPLE, round]`; returned sorted.
     """
     k = min(len(live), max(min_updates, math.ceil(fraction * len(live))))
-    draw = rng(seed, round_, SAMPLE).choice(list(live), size=k, replace=False)
+    draw = rng(seed, SAMPLE, round_).choice(list(live), size=k, replace=False)
     return tuple(sorted(int(i) for i in draw))
 
 
