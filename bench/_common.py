@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from p2pfl.app.launch import free_base_port
+from p2pfl.app.ports import free_base_port
 from p2pfl.config.schema import dumps as to_toml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -48,7 +48,7 @@ from _common import (
     wait_launch,
 )
 
-from p2pfl.app.launch import free_base_port
+from p2pfl.app.ports import free_base_port
 
 TARGET = 2.0
 

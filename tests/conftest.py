@@ -18,7 +18,7 @@ import psutil
 import pytest
 import zmq
 
-from p2pfl.app.launch import free_base_port
+from p2pfl.app.ports import free_base_port
 from p2pfl.config.schema import dumps as to_toml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import zmq
 from conftest import read_jsonl
 from test_faults import finished
 
-from p2pfl.app.launch import free_base_port
+from p2pfl.app.ports import free_base_port
 from p2pfl.net.sockets import SEND_HWM
 from p2pfl.net.transport import Transport
 from p2pfl.runtime.ticker import Ticker

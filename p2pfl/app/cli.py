@@ -48,7 +48,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     """Run every peer of the scenario (and its coordinator, if any) on this machine."""
     from rich.console import Console
 
-    from p2pfl.app.launch import LaunchError, launch, run_failed
+    from p2pfl.app.launch import launch, run_failed
+    from p2pfl.app.ports import LaunchError
 
     s = roles.scenario(args.scenario, mode=args.mode)
     out = roles.run_folder(args.out, s)
@@ -68,7 +69,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from p2pfl.app.compare import build_report, render_table, write_outputs
-    from p2pfl.app.launch import LaunchError, launch, run_failed
+    from p2pfl.app.launch import launch, run_failed
+    from p2pfl.app.ports import LaunchError
 
     base = roles.scenario(args.scenario)
     root = Path(args.out) if args.out else Path("runs") / base.name

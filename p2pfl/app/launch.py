@@ -20,10 +20,8 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import random
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from p2pfl.app import precompile
+from p2pfl.app.ports import LaunchError, unusable_addresses
 from p2pfl.config.schema import Scenario
 from p2pfl.record import history
 from p2pfl.runtime import process, roles
@@ -110,76 +109,6 @@ def run_failed(summary: dict[str, Any]) -> bool:
     c = summary.get("coordinator")
     server_failed = c is not None and c["role"] == "server" and c["exit_code"] != 0
     return bool(summary["failed_peers"]) or server_failed
-
-
-class LaunchError(RuntimeError):
-    """The run cannot start on this machine (for instance a port is taken)."""
-
-
-def unusable_addresses(scenario: Scenario) -> list[str]:
-    """Peer addresses this machine cannot bind now, each with the reason.
-
-    Checked before anything starts, so a second run on the same ports fails at once
-    with a clear message instead of eight peers dying on `Address already in use`.
-    SO_REUSEADDR matches what ZeroMQ sets, so ports in TIME_WAIT do not count.
-    """
-    problems = []
-    addresses = (
-        {}
-        if scenario.mode == "centralized"
-        else {f"peer {i}": scenario.address(i) for i in range(scenario.peers)}
-    )
-    if scenario.needs_coordinator:
-        control, updates = scenario.coordinator_addresses()
-        addresses["coordinator"] = control
-        if scenario.mode == "centralized":
-            addresses["coordinator updates"] = updates
-    for who, addr in addresses.items():
-        host, _, port = addr.removeprefix("tcp://").rpartition(":")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, int(port)))
-            except OSError as exc:
-                problems.append(f"{who} {addr}: {exc.strerror}")
-    return problems
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    """The ports the kernel hands out to outgoing connections (Linux; a common default)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_base_port(count: int, host: str = "127.0.0.1") -> int:
-    """A base port such that base..base+count-1 can all be bound on `host` right now.
-
-    The range is drawn outside the kernel's ephemeral range: there, the peers' own
-    outgoing connections could take a port before the peer that owns it binds it.
-    """
-    low, high = _ephemeral_range()
-    spans = [(1024, low - count), (high + 1, 65000 - count)]
-    spans = [(a, b) for a, b in spans if b > a]
-    rng = random.Random()
-    for _ in range(200):
-        a, b = rng.choice(spans)
-        base = rng.randrange(a, b)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise LaunchError(f"no range of {count} free ports on {host}")
 
 
 RUN_MARKERS = ("pids.json", "summary.json")  # files only a p2pfl run folder has
