@@ -14,7 +14,7 @@ import pytest
 
 from p2pfl.config.learning import flips_labels, learning_spec
 from p2pfl.config.loader import parse
-from p2pfl.learning import exported, local
+from p2pfl.learning import datasets, exported, local
 from p2pfl.learning.models import ModelDef, mlp
 from p2pfl.learning.trainer import Shard, Trainer, TrainState, make_trainer, pad_shard
 
@@ -290,3 +290,17 @@ def test_exported_programs_fall_back_for_other_arguments(program_store: Path):
     _same(damaged.state, loc.state)
     assert not isinstance(damaged.trainer.train, exported.Program)
     _same(damaged.trainer.train(damaged.state, damaged.data.train), ref.train(*stack_args(loc)))
+
+
+def test_bundled_dataset_is_parsed_once_per_store(program_store: Path):
+    """The digits CSV is parsed once; later loads read the stored arrays, equal to a parse."""
+    spec = learning_spec(parse({})).data
+    first = local.load_dataset(spec, 0)
+    assert len(list(program_store.glob("*.npz"))) == 1
+    again = local.load_dataset(spec, 3)
+    fresh = datasets.digits()
+    for ds in (first, again):
+        np.testing.assert_array_equal(ds.x, fresh.x)
+        np.testing.assert_array_equal(ds.y, fresh.y)
+        assert ds.x.dtype == fresh.x.dtype and ds.y.dtype == fresh.y.dtype
+        assert (ds.n_classes, ds.image_shape) == (fresh.n_classes, fresh.image_shape)

@@ -17,6 +17,12 @@ unreadable program, or a call with other arguments (other shapes, under `vmap` o
 
 Programs are exported over flat argument and result lists (optax states are pytrees
 jax.export cannot name); the caller's pytrees are flattened and rebuilt around them.
+The same folder keeps plain arrays (`save_results`, npz without pickle) that are pure
+functions of their key: each peer's initial state, so that no peer loads the init
+program, and the parsed bundled datasets.
+
+The learning source in the key covers the built-in models; a model defined elsewhere
+would have to bring its own source into the settings.
 """
 
 from __future__ import annotations
@@ -87,6 +93,13 @@ def key(settings: Settings, name: str, args: tuple[Any, ...]) -> str:
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("JAX_")},
         "source": _source_digest(),
     }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_key(settings: Settings) -> str:
+    """The key of data derived from `settings` by this package's learning code alone
+    (no program: no platform or JAX version in it, and no JAX backend started)."""
+    described = {"settings": settings, "source": _source_digest()}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -213,7 +226,8 @@ class Program:
         or None when they are not shaped like its results."""
         if self._call is None or _avals(leaves) != _avals(self._out_avals):
             return None
-        return jax.tree_util.tree_unflatten(self._out_tree, jax.device_put(list(leaves)))
+        placed = jax.device_put(list(leaves), self._device)  # committed, as results are
+        return jax.tree_util.tree_unflatten(self._out_tree, placed)
 
     def __call__(self, *args: Any) -> Any:
         flat = self._flat(args)

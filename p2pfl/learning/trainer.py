@@ -6,10 +6,11 @@ gossip mixes; the model sees the pytree through `unravel`.
 
 Every peer of a scenario holds its data as a `Shard` of the same length `n_max` (the
 largest shard of the scenario), its own `n` real rows first and zero rows after them.
-So every peer traces and compiles the same functions once (the persistent compile
-cache then serves every process of a launch), and the functions `jax.vmap` over a
-leading peer axis. Padding is invisible: a peer trains and evaluates exactly as it
-would on its unpadded rows, whatever `n_max` is.
+So every peer runs the same programs, compiled once (the persistent compile cache then
+serves every process of a launch, and `p2pfl.learning.exported` spares them the
+tracing too), and the functions `jax.vmap` over a leading peer axis. Padding is
+invisible: a peer trains and evaluates exactly as it would on its unpadded rows,
+whatever `n_max` is.
 
 One epoch: the real rows in a random order (each real row draws a uniform key from
 `fold_in(epoch key, row)`, padded rows get +inf, and `argsort` puts the real rows
