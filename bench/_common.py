@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterable, Iterator, Sequence
@@ -103,15 +104,60 @@ def machine_note() -> str:
 
 
 def other_p2pfl_processes() -> list[int]:
-    """Pids of p2pfl peers or test runs not started by this benchmark (they skew timings)."""
-    mine = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+    """Pids of p2pfl peers, launches, probes or test runs not started by this benchmark.
+
+    This benchmark's own processes are itself, its descendants and its ancestors (a
+    driver such as run_all). Another benchmark counts through what it runs (its
+    launches, peers and probes), not while it only waits for quiet itself, so two
+    benchmarks waiting for each other do not both wait out their whole limit.
+    """
+    me = psutil.Process()
+    mine = {me.pid, *(c.pid for c in me.children(recursive=True))}
+    mine |= {a.pid for a in me.parents()}
     pids = []
     for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["pid"] in mine:
+            continue
         cmd = " ".join(p.info["cmdline"] or [])
-        ours = "bench/" in cmd or p.info["pid"] in mine
-        if not ours and ("p2pfl" in cmd or "pytest" in cmd):
+        if "p2pfl" in cmd or "pytest" in cmd or "bench/_probe.py" in cmd:
             pids.append(p.info["pid"])
     return pids
+
+
+class Watch:
+    """Polls `other_p2pfl_processes` every `period_s` from a thread while a measurement
+    runs (`with Watch() as w: ...`); `w.seen` is the most found at once, so a figure
+    taken while someone else's peers or tests started can say so."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s = period_s
+        self.seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            with contextlib.suppress(psutil.Error):
+                self.seen = max(self.seen, len(other_p2pfl_processes()))
+            if self._stop.wait(self.period_s):
+                return
+
+    def __enter__(self) -> Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def note(self, what: str) -> str | None:
+        """A warning line if other processes were seen during `what`."""
+        if not self.seen:
+            return None
+        return (
+            f"WARNING: up to {self.seen} other p2pfl/pytest processes ran during {what}; "
+            "its timings are contended"
+        )
 
 
 def wait_quiet(max_s: float) -> float:

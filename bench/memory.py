@@ -30,6 +30,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Row,
+    Watch,
     add_quiet_arg,
     launch,
     peer_processes,
@@ -142,9 +143,10 @@ def run(probe: bool = True) -> tuple[list[Row], list[str]]:
         folder = Path(tmp)
         scenario = scenario_copy(folder)
         peers = peers_of(scenario)
-        proc = launch(scenario, folder / "run")
-        s = sample(proc)
-        wait_launch(proc)
+        with Watch() as watch:
+            proc = launch(scenario, folder / "run")
+            s = sample(proc)
+            wait_launch(proc)
         hwm: dict[int, int] = s["hwm"]  # type: ignore[assignment]
         peak: dict[str, int] = s["peak"]  # type: ignore[assignment]
         if len(hwm) != peers:
@@ -192,6 +194,7 @@ def run(probe: bool = True) -> tuple[list[Row], list[str]]:
             )
         top_mb = int(s["maps_rss"]) / MB  # type: ignore[call-overload]
         notes = [
+            *filter(None, [watch.note("the launch")]),
             f"{s['samples']} samples every 50 ms; MB = 10^6 bytes; target "
             f"{TARGET_PER_PEER_MB:.0f} MB RSS per peer (x {peers} for the sum)",
             f"'biggest peer' rows: mappings of the largest peer at {top_mb:.0f} MB RSS, "

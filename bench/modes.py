@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     QUICKSTART,
     Row,
+    Watch,
     add_quiet_arg,
     histories,
     log_events,
@@ -171,11 +172,13 @@ def run(rounds: int | None = None, keep: Path | None = None) -> tuple[list[Row],
         port = free_base_port(peers + 2)  # the coordinator's two ports after the peers'
         scenario = scenario_copy(folder, network={"base_port": port}, **extra)
         t0 = time.perf_counter()
-        cpu = launch_mode(scenario, folder / "centralized", "centralized")
-        launch_mode(scenario, folder / "gossip", "gossip")
+        with Watch() as watch:
+            cpu = launch_mode(scenario, folder / "centralized", "centralized")
+            launch_mode(scenario, folder / "gossip", "gossip")
         elapsed = time.perf_counter() - t0
         rows = analyse(folder / "centralized", folder / "gossip", cpu, cores)
     notes = [
+        *filter(None, [watch.note("the launches")]),
         f"{peers} peers, rounds 2..R (round 1 excluded); both launches took {elapsed:.0f} s",
         "medians over rounds; ratio of medians (wall / floor); the coordinator shares the cores",
     ]

@@ -47,6 +47,7 @@ from _common import (
     QUICKSTART,
     Code,
     Row,
+    Watch,
     add_quiet_arg,
     checkout,
     histories,
@@ -284,18 +285,23 @@ def measure(
     extra = {"training": {"rounds": rounds}} if rounds else {}
     scenario = scenario_copy(folder, **extra)
     out = folder / "run"
-    proc = launch(scenario, out, command=code.command, env=code.env)
-    cpu = _sample_cpu(proc)
-    wait_launch(proc)
-    iso: dict[int, float] | None
-    try:
-        iso = isolated_compute(scenario, code=code)
-    except RuntimeError as exc:  # another revision's probe may not run: say so, go on
-        if code is OURS:
-            raise
-        iso = None
-        print(f"rounds: {code.label}'s compute probe failed: {exc}", file=sys.stderr)
-    return analyse(out, cores, cpu, iso)
+    with Watch() as watch:
+        proc = launch(scenario, out, command=code.command, env=code.env)
+        cpu = _sample_cpu(proc)
+        wait_launch(proc)
+        iso: dict[int, float] | None
+        try:
+            iso = isolated_compute(scenario, code=code)
+        except RuntimeError as exc:  # another revision's probe may not run: say so, go on
+            if code is OURS:
+                raise
+            iso = None
+            print(f"rounds: {code.label}'s compute probe failed: {exc}", file=sys.stderr)
+    rows, notes, figures = analyse(out, cores, cpu, iso)
+    figures["contended"] = watch.seen
+    if (warning := watch.note(f"the {code.label} run")) is not None:
+        notes.append(warning)
+    return rows, notes, figures
 
 
 COMPARED = (
@@ -314,15 +320,31 @@ COMPARED = (
 
 def compare_rows(
     ours: list[dict[str, float]], theirs: list[dict[str, float]], rev: str
-) -> list[Row]:
-    """ours / theirs for the headline figures, each the median over the repeats."""
+) -> tuple[list[Row], list[str]]:
+    """ours / theirs for the headline figures, each the median over the repeats.
+
+    Runs during which other p2pfl/pytest processes were seen are marked `*` and left
+    out when at least two runs of each side were not.
+    """
+    clean_a = [f for f in ours if not f.get("contended")]
+    clean_b = [f for f in theirs if not f.get("contended")]
+    use_clean = len(clean_a) >= 2 and len(clean_b) >= 2
+    runs_a, runs_b = (clean_a, clean_b) if use_clean else (ours, theirs)
     rows = []
     for key, name, target in COMPARED:
-        a = [f[key] for f in ours if key in f]
-        b = [f[key] for f in theirs if key in f]
+        a = [f[key] for f in runs_a if key in f]
+        b = [f[key] for f in runs_b if key in f]
         if not a or not b:
             continue
         scale, unit = (1.0, "x") if "ratio" in key else (1e3, "ms")
+
+        def listed(fs: list[dict[str, float]], key: str = key, scale: float = scale) -> str:
+            return ", ".join(
+                f"{f[key] * scale:.3g}" + ("*" if f.get("contended") else "")
+                for f in fs
+                if key in f
+            )
+
         rows.append(
             Row(
                 f"ours / {rev}: {name}",
@@ -330,15 +352,18 @@ def compare_rows(
                 "x",
                 target,
                 note=f"{median(a) * scale:.3g} / {median(b) * scale:.3g} {unit}"
-                + (
-                    f"; per run ours {', '.join(f'{x * scale:.3g}' for x in a)}"
-                    if len(a) > 1
-                    else ""
-                )
-                + (f", {rev} {', '.join(f'{x * scale:.3g}' for x in b)}" if len(b) > 1 else ""),
+                + (f"; runs: ours {listed(ours)}; {rev} {listed(theirs)}" if len(ours) > 1 else ""),
             )
         )
-    return rows
+    contended = sum(1 for f in [*ours, *theirs] if f.get("contended"))
+    notes = []
+    if contended:
+        notes.append(
+            f"{contended} of {len(ours) + len(theirs)} runs (marked *) saw other p2pfl/pytest "
+            "processes; "
+            + ("the ratios leave them out" if use_clean else "too few clean runs: all are used")
+        )
+    return rows, notes
 
 
 def run(
@@ -368,6 +393,8 @@ def run(
                 figures[code.label].append(figs)
                 results.setdefault(code.label, (rows, notes))
         rows, notes = results[OURS.label]
+        if n > 1:
+            notes = [*notes, f"rows above the ratios: the first of the {n} runs of ours"]
         if steps:
             step, check = round_steps(folder / "steps")
             rows += step_rows(step, peers_of(QUICKSTART), cores, check)
@@ -378,7 +405,11 @@ def run(
             )
         if against:
             theirs = codes[1]
-            rows += compare_rows(figures[OURS.label], figures[theirs.label], theirs.label)
+            compared, compared_notes = compare_rows(
+                figures[OURS.label], figures[theirs.label], theirs.label
+            )
+            rows += compared
+            notes += compared_notes
             their_rows, _ = results[theirs.label]
             rows += [
                 Row(f"  {theirs.label}: {r.metric.strip()}", r.value, r.unit, note=r.note)
