@@ -34,7 +34,6 @@ class GossipTransport(Protocol):
     def send(self, peer_id: int, frames: Sequence[Buffer]) -> bool: ...
     def recv(self, timeout_s: float) -> Envelope | None: ...
     def connect(self, peer_id: int, addr: str) -> None: ...
-    def idle(self, since_s: float) -> list[int]: ...
     def close(self, linger_ms: int | None = None) -> None: ...
 
 
@@ -168,10 +167,6 @@ class FaultyLinks:
     def connect(self, peer_id: int, addr: str) -> None:
         """Add a neighbour to the transport below."""
         self._inner.connect(peer_id, addr)
-
-    def idle(self, since_s: float) -> list[int]:
-        """The transport's idle neighbours (a message lost on the link was not sent)."""
-        return self._inner.idle(since_s)
 
     def close(self, linger_ms: int | None = None) -> None:
         """Send the delayed messages that fall due within the linger (LINGER_MS unless

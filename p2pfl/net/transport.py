@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import secrets
 import threading
-import time
 from collections.abc import Mapping, Sequence
 
 import zmq
@@ -59,7 +58,6 @@ class Transport:
         self._poller = zmq.Poller()
         self._poller.register(self.inbox, zmq.POLLIN)
         self._lock = threading.Lock()  # one sender at a time: round loop, ticker, delay line
-        self.last_sent: dict[int, float] = {}  # neighbour -> monotonic time of the last send
 
     def send(self, peer_id: int, frames: Sequence[Buffer]) -> bool:
         """Queue a message for a neighbour; False (dropped) if its queue is full.
@@ -69,14 +67,7 @@ class Transport:
         with self._lock:
             if peer_id not in self.outboxes:
                 raise KeyError(peer_id)
-            self.last_sent[peer_id] = time.monotonic()
             return send_nowait(self.outboxes[peer_id], frames)
-
-    def idle(self, since_s: float) -> list[int]:
-        """The neighbours nothing was sent to for at least `since_s` seconds."""
-        now = time.monotonic()
-        with self._lock:
-            return [j for j in self.outboxes if now - self.last_sent.get(j, 0.0) >= since_s]
 
     def recv(self, timeout_s: float) -> Envelope | None:
         """The next message, or None if none arrives within `timeout_s`.
