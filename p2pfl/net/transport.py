@@ -127,10 +127,6 @@ class Link:
             return None
         return self._sockets.envelope(read_capped(self.control, self._max_frames + 1), "control")
 
-    def pending(self) -> bool:
-        """True if a control message is waiting to be read."""
-        return bool(self.control.poll(0))
-
     def close(self) -> None:
         """Flush (bounded by the lingers) and close."""
         self.control.close()
