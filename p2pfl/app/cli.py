@@ -25,7 +25,9 @@ def _print_summary(console: Any, summary: dict[str, Any], out: Path) -> None:
     console.print(
         f"[bold]{summary['scenario']}[/] ({summary['mode']}): "
         f"{len(summary['completed_peers'])}/{summary['peers']} peers completed "
-        f"{summary['rounds']} rounds in {summary['wall_s']:.1f} s; final holdout accuracy "
+        f"{summary['rounds']} rounds in {summary['wall_s']:.1f} s"
+        + (" (simulated)" if summary.get("engine") == "sim" else "")
+        + "; final holdout accuracy "
         + (
             f"mean {acc['mean']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})"
             if acc["mean"] is not None
@@ -64,12 +66,43 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return EXIT_FAILED if run_failed(summary) else EXIT_OK
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run every peer of the scenario in this process (the simulator engine)."""
+    from rich.console import Console
+
+    from p2pfl.app import simulate
+    from p2pfl.app.ports import LaunchError
+
+    s = roles.scenario(args.scenario, mode=args.mode)
+    out = roles.run_folder(args.out, s)
+    console = Console()
+    try:
+        result = simulate.run(s, out, console)
+    except LaunchError as exc:
+        print(f"p2pfl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    console.line()
+    _print_summary(console, result.summary, out)
+    return EXIT_OK
+
+
+def _run_mode(s: Any, scenario: Path | None, out: Path, engine: str, console: Any) -> dict:
+    """One mode of `compare`: launched as processes, or simulated."""
+    if engine == "sim":
+        from p2pfl.app import simulate
+
+        return simulate.run(s, out, console).summary
+    from p2pfl.app.launch import launch
+
+    return launch(s, scenario, out, console)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run the scenario centralized, then gossip, and compare the two runs."""
     from rich.console import Console
 
     from p2pfl.app.compare import build_report, render_table, write_outputs
-    from p2pfl.app.launch import launch, run_failed
+    from p2pfl.app.launch import run_failed
     from p2pfl.app.ports import LaunchError
 
     base = roles.scenario(args.scenario)
@@ -80,9 +113,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for mode in ("centralized", "gossip"):
         s = with_mode(base, mode)
         folders[mode] = root / mode
-        console.rule(f"{s.name}: {mode}")
+        console.rule(f"{s.name}: {mode}" + (" (simulated)" if args.engine == "sim" else ""))
         try:
-            summary = launch(s, args.scenario, folders[mode], console)
+            summary = _run_mode(s, args.scenario, folders[mode], args.engine, console)
         except LaunchError as exc:
             print(f"p2pfl: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -193,7 +226,21 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="holdout accuracy for 'rounds to reach' (default: 0.95 x the lower final mean)",
     )
+    q.add_argument(
+        "--engine",
+        choices=["launch", "sim"],
+        default="launch",
+        help="launch: real processes and sockets (default); sim: every peer in this process",
+    )
     q.set_defaults(func=cmd_compare)
+
+    q = sub.add_parser(
+        "simulate", help="run every peer of a scenario in this process (same maths, no sockets)"
+    )
+    scenario_arg(q)
+    mode_arg(q)
+    q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    q.set_defaults(func=cmd_simulate)
 
     q = sub.add_parser("peer", help="run one peer of a scenario")
     scenario_arg(q)

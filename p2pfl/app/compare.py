@@ -61,10 +61,10 @@ def _coordinator_curve(run: Path, started_at: Any) -> Curve:
     if not rows:
         raise ValueError(f"{run}: coordinator.jsonl is missing or has no complete line ({path})")
     curve: Curve = {k: [] for k in CURVE_KEYS}
-    total = 0
+    total: int | None = 0
     for r in sorted(rows):
         row = rows[r]
-        total += row.get("bytes_sent", 0) + row.get("bytes_received", 0)
+        total = _plus(total, row.get("bytes_sent", 0), row.get("bytes_received", 0))
         curve["round"].append(r)
         curve["accuracy"].append(row.get("holdout_accuracy"))
         curve["bytes"].append(total)
@@ -75,20 +75,46 @@ def _coordinator_curve(run: Path, started_at: Any) -> Curve:
 def _gossip_curve(run: Path, started_at: Any) -> Curve:
     """Gossip curve: mean peer accuracy, bytes all peers sent, time the slowest peer got there."""
     peers = [h for p in sorted(run.glob("peer-*.jsonl")) if (h := _by_round(p))]
+    if not peers and (run / "history.npz").is_file():
+        return _columnar_curve(run)
     if not peers:
         raise ValueError(f"{run}: no peer-*.jsonl history with a complete line")
     curve: Curve = {k: [] for k in CURVE_KEYS}
-    total = 0
+    total: int | None = 0
     for r in sorted({r for h in peers for r in h}):
         rows = [h[r] for h in peers if r in h]  # only the peers that reached round r
         accs = [x["holdout_accuracy"] for x in rows if x.get("holdout_accuracy") is not None]
         times = [x["time"] for x in rows if x.get("time") is not None]
-        total += sum(x.get("bytes_sent", 0) for x in rows)
+        total = _plus(total, *(x.get("bytes_sent", 0) for x in rows))
         curve["round"].append(r)
         curve["accuracy"].append(sum(accs) / len(accs) if accs else None)
         curve["bytes"].append(total)
         curve["seconds"].append(_since(max(times) if times else None, started_at))
     return curve
+
+
+def _plus(total: int | None, *values: int | None) -> int | None:
+    """A running byte count; None once any count is unknown (a simulated run's)."""
+    if total is None or any(v is None for v in values):
+        return None
+    return total + sum(v for v in values if v is not None)
+
+
+def _columnar_curve(run: Path) -> Curve:
+    """Gossip curve of a large simulated run from its `history.npz` (no bytes, no times
+    per round: the simulator has neither)."""
+    import numpy as np
+
+    with np.load(run / "history.npz") as cols:
+        acc = cols["holdout_accuracy"]
+    means = [float(np.nanmean(row)) if not np.isnan(row).all() else None for row in acc]
+    rounds = list(range(len(means)))
+    return {
+        "round": rounds,
+        "accuracy": means,
+        "bytes": [None] * len(means),
+        "seconds": [None] * len(means),
+    }
 
 
 def _default_target(final_means: list[float | None]) -> float:

@@ -114,14 +114,15 @@ def run_failed(summary: dict[str, Any]) -> bool:
 RUN_MARKERS = ("pids.json", "summary.json")  # files only a p2pfl run folder has
 
 
-def _clean(out: Path) -> None:
+def clean_run_folder(out: Path) -> None:
     """Remove an earlier run's files; refuse a non-empty folder that is not a run folder."""
     if out.exists() and any(out.iterdir()) and not any((out / m).exists() for m in RUN_MARKERS):
         raise LaunchError(
             f"--out {out}: the folder is not empty and is not an earlier p2pfl run "
             "(no pids.json or summary.json); choose another folder"
         )
-    for pattern in ("peer-*.jsonl", "coordinator.jsonl", "summary.json", "*.png", "pids.json"):
+    patterns = ("peer-*.jsonl", "coordinator.jsonl", "summary.json", "*.png", "pids.json")
+    for pattern in (*patterns, "history.npz"):
         for p in out.glob(pattern):
             p.unlink()
     for sub in ("models", "logs", "checkpoints"):
@@ -363,7 +364,7 @@ def launch(
             "cannot bind the peers' addresses (another run on the same network.base_port?):\n  "
             + "\n  ".join(problems)
         )
-    _clean(out)
+    clean_run_folder(out)
     launcher = Launcher(scenario, scenario_path, out, console)
     t0, started_at = time.perf_counter(), time.time()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

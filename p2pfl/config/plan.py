@@ -9,6 +9,7 @@ its learning set-up. The runtime composes a node from a plan and nothing else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import networkx as nx
 
 from p2pfl.config.learning import learning_spec
 from p2pfl.config.loader import graph
-from p2pfl.config.schema import Scenario
+from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.core import streams
 from p2pfl.core.aggregators import (
     GossipAggregator,
@@ -27,7 +28,7 @@ from p2pfl.core.aggregators import (
 )
 from p2pfl.core.attacks import dissensus_gains
 from p2pfl.core.graphs import Mixing
-from p2pfl.core.transforms import ModelTransform, attack_transform, identity
+from p2pfl.core.transforms import OUTGOING_ATTACKS, ModelTransform, attack_transform, identity
 from p2pfl.learning.local import LearningSpec
 from p2pfl.protocol.fedavg_client import ClientConfig
 from p2pfl.protocol.fedavg_server import ServerConfig
@@ -157,6 +158,28 @@ def _gains(s: Scenario, g: nx.Graph, peer_id: int) -> dict[int, float]:
     return dissensus_gains(g, peer_id, colluders, attack.epsilon, s.gossip.mixing)
 
 
+def _gossip_rule(s: Scenario) -> GossipAggregator:
+    gs = s.gossip
+    return gossip_aggregator(
+        gs.aggregator,
+        trim=gs.trim,
+        tau=None if gs.clip_tau == "adaptive" else gs.clip_tau,
+        clip_fraction=gs.clip_fraction,
+        clip_drop=gs.clip_drop,
+    )
+
+
+def _catch_up(s: Scenario) -> ServerAggregator:
+    """How a rejoined gossip peer combines its neighbours' newest models: their mean, or
+    with a robust aggregator their coordinate-wise median."""
+    return server_aggregator("mean" if s.gossip.aggregator == "mean" else "median")
+
+
+def _server_rule(s: Scenario) -> ServerAggregator:
+    c = s.centralized
+    return server_aggregator(c.aggregator, trim=c.trim, f=c.krum_f)
+
+
 def gossip_plan(
     s: Scenario, peer_id: int, out: Path, address: str | None = None, resume: bool = False
 ) -> GossipPlan:
@@ -186,14 +209,8 @@ def gossip_plan(
         bootstrap=s.coordinator_addresses()[0] if s.coordinator.bootstrap else None,
         sync=sync,
         mixing=gs.mixing,
-        aggregator=gossip_aggregator(
-            gs.aggregator,
-            trim=gs.trim,
-            tau=None if gs.clip_tau == "adaptive" else gs.clip_tau,
-            clip_fraction=gs.clip_fraction,
-            clip_drop=gs.clip_drop,
-        ),
-        catch_up=server_aggregator("mean" if gs.aggregator == "mean" else "median"),
+        aggregator=_gossip_rule(s),
+        catch_up=_catch_up(s),
         transform=_transform(s, peer_id),
         gains=gains,
         faults=_faults(s, peer_id),
@@ -250,7 +267,7 @@ def server_plan(s: Scenario, out: Path) -> ServerPlan:
         control=control,
         updates=updates,
         server=server,
-        aggregator=server_aggregator(c.aggregator, trim=c.trim, f=c.krum_f),
+        aggregator=_server_rule(s),
         learning=learning_spec(s),
     )
 
@@ -264,4 +281,99 @@ def bootstrap_plan(s: Scenario, out: Path) -> BootstrapPlan:
         control=s.coordinator_addresses()[0],
         neighbours={i: tuple(sorted(g.neighbors(i))) for i in range(s.peers)},
         idle_limit_s=gs.startup_timeout_s + s.training.rounds * gs.round_timeout_s,
+    )
+
+
+@dataclass(frozen=True)
+class SimPlan:
+    """Every peer of a run in one process (`p2pfl simulate`): the per-peer plans' values,
+    gathered once for the whole network (O(peers + edges), no per-peer plan objects).
+
+    Wall-time faults map onto rounds (see `sim_plan`); the rest keep their meaning.
+    """
+
+    run: Run
+    neighbours: tuple[tuple[int, ...], ...]  # peer i's neighbours, sorted
+    mixing: Mixing
+    aggregator: GossipAggregator
+    catch_up: ServerAggregator  # a rejoined gossip peer's rule for its neighbours' models
+    server: ServerConfig
+    server_aggregator: ServerAggregator
+    transforms: Mapping[int, ModelTransform]  # peers whose outgoing model is attacked
+    gains: Mapping[int, Mapping[int, float]]  # dissensus attacker -> honest neighbour -> gain
+    label_flips: frozenset[int]
+    crashes: Mapping[int, tuple[int, int | None]]  # peer -> (crash round, rejoin round)
+    link_drop: float
+    learning: LearningSpec
+    chunk: int  # peers per batched call ([sim] chunk)
+
+
+def _rounds_until(seconds: float, round_s: float) -> int:
+    """Rounds a wall-time span covers in the simulator: at least one."""
+    return max(1, math.ceil(seconds / round_s))
+
+
+def _sim_wall_time_faults(s: Scenario) -> None:
+    """Refuse wall-time faults the simulator cannot map onto rounds, naming the field.
+
+    A straggler or a link delay shorter than the round deadline only costs time (its
+    model is still heard that round), so the simulator runs it as a plain peer or link.
+    Longer ones make models miss rounds by how the clocks fall: refused.
+    """
+    deadline, field = (
+        (s.gossip.round_timeout_s, "gossip.round_timeout_s")
+        if s.mode == "gossip"
+        else (s.centralized.round_timeout_s, "centralized.round_timeout_s")
+    )
+    for k, slow in enumerate(s.faults.slow):
+        if slow.delay_s >= deadline:
+            raise ScenarioError(
+                f"faults.slow[{k}].delay_s = {slow.delay_s:g}: not below {field} = "
+                f"{deadline:g}, so whether its model is heard depends on wall time, which "
+                "the simulator does not have (run it with p2pfl launch)"
+            )
+    if s.faults.link_delay_ms / 1000 >= deadline:
+        raise ScenarioError(
+            f"faults.link_delay_ms = {s.faults.link_delay_ms:g}: not below {field}, so "
+            "whether a model is heard depends on wall time (run it with p2pfl launch)"
+        )
+
+
+def sim_plan(s: Scenario, out: Path) -> SimPlan:
+    """The whole run of `s` for the simulator.
+
+    Raises ScenarioError for wall-time faults it cannot map (`_sim_wall_time_faults`).
+    A crash with `rejoin_after_s` rejoins `ceil(rejoin_after_s / sim.round_s)` rounds
+    (at least one) after the round it crashed in.
+    """
+    _sim_wall_time_faults(s)
+    g = graph(s)
+    gs = s.gossip
+    byzantine = {f.peer: f for f in s.faults.byzantine}
+    crashes = {
+        f.peer: (
+            f.at_round,
+            None
+            if f.rejoin_after_s is None
+            else f.at_round + _rounds_until(f.rejoin_after_s, s.sim.round_s),
+        )
+        for f in s.faults.crash
+    }
+    return SimPlan(
+        run=_run(s, out),
+        neighbours=tuple(tuple(sorted(g.neighbors(i))) for i in range(s.peers)),
+        mixing=gs.mixing,
+        aggregator=_gossip_rule(s),
+        catch_up=_catch_up(s),
+        server=server_plan(s, out).server,
+        server_aggregator=_server_rule(s),
+        transforms={
+            i: _transform(s, i) for i, f in byzantine.items() if f.attack in OUTGOING_ATTACKS
+        },
+        gains={i: _gains(s, g, i) for i, f in byzantine.items() if f.attack == "dissensus"},
+        label_flips=frozenset(i for i, f in byzantine.items() if f.attack == "label_flip"),
+        crashes=crashes,
+        link_drop=s.faults.link_drop,
+        learning=learning_spec(s),
+        chunk=s.sim.chunk,
     )

@@ -45,7 +45,7 @@ class Topology(_Section):
     """Which graph the peers form; only the fields of the chosen kind are used."""
 
     kind: TopologyKind = "ring"
-    peers: int = Field(8, ge=2, le=1024)
+    peers: int = Field(8, ge=2, le=100_000)  # p2pfl launch: at most 1024 processes
     degree: int = Field(4, ge=1)
     p: float = Field(0.3, gt=0.0, le=1.0)
     k: int = Field(4, ge=2)
@@ -209,6 +209,14 @@ class Output(_Section):
     models: Literal["final", "every_round"] = "final"  # every_round: models/round-<r>/
 
 
+class Sim(_Section):
+    """How `p2pfl simulate` runs the scenario in one process (launch ignores this)."""
+
+    # the nominal wall time of one round: maps rejoin_after_s onto rounds
+    round_s: float = Field(1.0, gt=0.0)
+    chunk: int = Field(1024, ge=1)  # peers trained / evaluated per batched call: flat memory
+
+
 class Network(_Section):
     """Where peers listen: `host` and `base_port + id`, or one address per peer."""
 
@@ -242,6 +250,7 @@ class Scenario(_Section):
     coordinator: Coordinator = Field(default_factory=Coordinator)
     faults: Faults = Field(default_factory=Faults)
     output: Output = Field(default_factory=Output)
+    sim: Sim = Field(default_factory=Sim)
     base_dir: str = Field(".", exclude=True)
 
     @property

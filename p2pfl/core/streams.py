@@ -18,6 +18,7 @@ PEER_TEST = 3  # [seed, PEER_TEST, peer]: a peer's own train/test split of its s
 SAMPLE = 4  # [seed, SAMPLE, round]: which peers the server samples in a round
 ATTACK = 11  # a Byzantine peer's noise; drawn in JAX, from stream ATTACK_KEY below
 LINK = 12  # [seed, LINK, peer]: which messages a faulty link loses
+SIM_LINK = 13  # [seed, SIM_LINK, round]: which links lose their model in a simulated round
 
 # JAX: jax.random.fold_in(PRNGKey(seed), <stream>). Streams 0 .. peers - 1 are the
 # peers' own initial models (model.init = "per_peer"): named streams sit far above.

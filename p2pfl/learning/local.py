@@ -178,6 +178,95 @@ def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _padded(x: np.ndarray, y: np.ndarray, n_max: int) -> tuple[np.ndarray, np.ndarray, np.int32]:
+    """`x`, `y` padded with zero rows to `n_max` rows, as host arrays (see `pad_shard`)."""
+    xp = np.zeros((n_max, *x.shape[1:]), dtype=np.float32)
+    yp = np.zeros(n_max, dtype=np.int32)
+    xp[: len(y)], yp[: len(y)] = x, y
+    return xp, yp, np.int32(len(y))
+
+
+class HostData(NamedTuple):
+    """Peers' padded train/test splits as host arrays, stacked on a leading peer axis,
+    and the common holdout (unstacked): what `peer_data` puts on the device per peer
+    and the simulator puts there for all peers at once."""
+
+    train: tuple[np.ndarray, np.ndarray, np.ndarray]  # x [p, n_max, f], y [p, n_max], n [p]
+    test: tuple[np.ndarray, np.ndarray, np.ndarray]
+    holdout: tuple[np.ndarray, np.ndarray, np.int32] | None
+    n_train: np.ndarray  # [p] real training samples
+
+
+def host_data(
+    d: DataSpec, peer_ids: list[int], label_flips: frozenset[int] = frozenset()
+) -> tuple[HostData, datasets.Dataset]:
+    """The shards of `peer_ids` (derived from dataset, partition, seed and id), stacked in
+    that order, and the dataset; loaded and split once however many peers there are.
+
+    Peers in `label_flips` (label_flip Byzantine peers) train on flipped labels.
+    """
+    if d.dataset == "npz":
+        return _npz_host_data(d, peer_ids, label_flips)
+    ds = load_dataset(d, 0)
+    split = _split(d, ds)
+    n_train, n_test = partition.padded_sizes([len(s) for s in split.shards], d.peer_test_fraction)
+    trains, tests = [], []
+    for i in peer_ids:
+        train, test = partition.train_test(split.shards[i], d.peer_test_fraction, d.seed, i)
+        trains.append(_padded(ds.x[train], _labels(ds, train, i in label_flips), n_train))
+        tests.append(_padded(ds.x[test], ds.y[test], n_test))
+    holdout = _padded(ds.x[split.holdout], ds.y[split.holdout], len(split.holdout))
+    return _stacked(trains, tests, holdout), ds
+
+
+def _labels(ds: datasets.Dataset, rows: np.ndarray, flip: bool) -> np.ndarray:
+    if not flip:
+        return ds.y[rows]
+    from p2pfl.core.attacks import flip_labels
+
+    return flip_labels(ds.y[rows], ds.n_classes)
+
+
+def _stacked(
+    trains: list[tuple[np.ndarray, np.ndarray, np.int32]],
+    tests: list[tuple[np.ndarray, np.ndarray, np.int32]],
+    holdout: tuple[np.ndarray, np.ndarray, np.int32] | None,
+) -> HostData:
+    def stack(parts: list[tuple[np.ndarray, np.ndarray, np.int32]]) -> tuple[np.ndarray, ...]:
+        return tuple(np.stack([p[k] for p in parts]) for k in range(3))
+
+    train = stack(trains)
+    return HostData(train, stack(tests), holdout, train[2].astype(np.int64))  # type: ignore[arg-type]
+
+
+def _npz_host_data(
+    d: DataSpec, peer_ids: list[int], label_flips: frozenset[int]
+) -> tuple[HostData, datasets.Dataset]:
+    """npz peers: each reads its own file, padded to the next power of two (peers
+    cannot know each other's sizes). Stacked, they must share those padded shapes."""
+    trains, tests = [], []
+    ds = None
+    for i in peer_ids:
+        ds = load_dataset(d, i)
+        train, test = partition.train_test(np.arange(len(ds.y)), d.peer_test_fraction, d.seed, i)
+        trains.append(
+            _padded(ds.x[train], _labels(ds, train, i in label_flips), _bucket(len(train)))
+        )
+        tests.append(_padded(ds.x[test], ds.y[test], _bucket(len(test))))
+    assert ds is not None
+    holdout = None
+    if d.holdout is not None:
+        hold = datasets.npz(d.holdout, ds.n_classes)
+        holdout = _padded(hold.x, hold.y, len(hold.y))
+    shapes = {(t[0].shape, s[0].shape) for t, s in zip(trains, tests, strict=True)}
+    if len(shapes) > 1:
+        raise ValueError(
+            "npz peers' splits pad to different shapes "
+            f"({sorted(shapes)}): they cannot be stacked in one process"
+        )
+    return _stacked(trains, tests, holdout), ds
+
+
 def peer_data(
     d: DataSpec, peer_id: int, label_flip: bool = False
 ) -> tuple[LocalData, datasets.Dataset]:
@@ -185,38 +274,10 @@ def peer_data(
 
     With `label_flip` (a Byzantine peer) its training labels are flipped.
     """
-    ds = load_dataset(d, peer_id)
-    holdout: Shard | None
-    if d.dataset == "npz":
-        train, test = partition.train_test(
-            np.arange(len(ds.y)), d.peer_test_fraction, d.seed, peer_id
-        )
-        n_train, n_test = _bucket(len(train)), _bucket(len(test))
-        holdout = None
-        if d.holdout is not None:
-            hold = datasets.npz(d.holdout, ds.n_classes)
-            holdout = pad_shard(hold.x, hold.y)
-    else:
-        split = _split(d, ds)
-        train, test = partition.train_test(
-            split.shards[peer_id], d.peer_test_fraction, d.seed, peer_id
-        )
-        n_train, n_test = partition.padded_sizes(
-            [len(s) for s in split.shards], d.peer_test_fraction
-        )
-        holdout = pad_shard(ds.x[split.holdout], ds.y[split.holdout])
-    y_train = ds.y[train]
-    if label_flip:
-        from p2pfl.core.attacks import flip_labels
-
-        y_train = flip_labels(y_train, ds.n_classes)
-    data = LocalData(
-        pad_shard(ds.x[train], y_train, n_train),
-        pad_shard(ds.x[test], ds.y[test], n_test),
-        holdout,
-        len(train),
-    )
-    return data, ds
+    host, ds = host_data(d, [peer_id], frozenset({peer_id}) if label_flip else frozenset())
+    train, test = (Shard(*jax.device_put(tuple(a[0] for a in s))) for s in (host.train, host.test))
+    holdout = None if host.holdout is None else Shard(*jax.device_put(host.holdout))
+    return LocalData(train, test, holdout, int(host.n_train[0])), ds
 
 
 def random_streams(m: ModelSpec, peer_id: int) -> tuple[int, int]:
@@ -267,7 +328,8 @@ def _program_settings(spec: LearningSpec, ds: datasets.Dataset) -> dict[str, Any
     }
 
 
-def _init_args(spec: LearningSpec, peer_id: int) -> tuple[int, int, int]:
+def init_args(spec: LearningSpec, peer_id: int) -> tuple[int, int, int]:
+    """`Trainer.init`'s arguments for peer `peer_id`: (seed, init stream, train stream)."""
     return (spec.data.seed, *random_streams(spec.model, peer_id))
 
 
@@ -351,7 +413,7 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
     if folder is not None:
         traced = make_peer_trainer(spec, ds)
         settings = _program_settings(spec, ds)
-        args = _init_args(spec, peer_id)
+        args = init_args(spec, peer_id)
         like = jax.eval_shape(traced.init, *args)
         programs: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = [
             ("init", traced.init, args),
@@ -364,8 +426,8 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
         for name, fn, fn_args in programs:
             k = exported.key(settings, name, fn_args)
             exported.save(folder, k, exported.export_flat(fn, fn_args))
-    trainer = _served_trainer(spec, ds, _init_args(spec, peer_id), data.train, _eval_sets(data))
-    loc = Local(data, trainer, trainer.init(*_init_args(spec, peer_id)), ds.n_classes)
+    trainer = _served_trainer(spec, ds, init_args(spec, peer_id), data.train, _eval_sets(data))
+    loc = Local(data, trainer, trainer.init(*init_args(spec, peer_id)), ds.n_classes)
     compile_steps(loc)
     if server:
         compile_server_steps(build_server(spec))
@@ -373,7 +435,7 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
         # every peer's initial state, so that no peer loads the init program at all
         settings = _program_settings(spec, ds)
         for i in range(spec.data.peers):
-            args = _init_args(spec, i)
+            args = init_args(spec, i)
             k = exported.key(settings, f"init results {args}", args)
             exported.save_results(folder, k, jax.tree_util.tree_leaves(trainer.init(*args)))
     return loc
@@ -438,7 +500,7 @@ def build(spec: LearningSpec, peer_id: int, label_flip: bool = False) -> Local:
     A label_flip Byzantine peer (`label_flip`) trains on flipped labels.
     """
     data, ds = peer_data(spec.data, peer_id, label_flip)
-    args = _init_args(spec, peer_id)
+    args = init_args(spec, peer_id)
     trainer = _served_trainer(spec, ds, args, data.train, _eval_sets(data))
     if isinstance(trainer.train, exported.Program):  # placed once, not at every round
         hold = None if data.holdout is None else exported.committed(data.holdout)

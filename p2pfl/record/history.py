@@ -19,13 +19,14 @@ class RoundRecord:
     train_loss: float | None
     test_accuracy: float
     holdout_accuracy: float | None
-    bytes_sent: int
-    bytes_received: int
-    train_s: float
-    eval_s: float
-    comm_s: float
-    wait_s: float
-    cpu_s: float  # CPU time of this process in the round (round 0: all of start-up)
+    # measured by a networked peer; None in the simulator (no sockets, peers batched)
+    bytes_sent: int | None
+    bytes_received: int | None
+    train_s: float | None
+    eval_s: float | None
+    comm_s: float | None
+    wait_s: float | None
+    cpu_s: float | None  # CPU time of this process in the round (round 0: all of start-up)
     neighbours_heard: list[int]
     neighbours_missing: list[int]
     disagreement: float | None
@@ -52,9 +53,9 @@ class ServerRecord:
     # "all_in" | "early" (every update still expected is in: the rest left or restarted)
     # | "deadline" | "quorum_missed" (fewer than min_updates: global model kept) | "initial"
     closed_by: str
-    bytes_sent: int  # by the coordinator, this round
-    bytes_received: int
-    quorum_wait_s: float  # waiting for min_peers before the round could start
+    bytes_sent: int | None  # by the coordinator, this round (None in the simulator)
+    bytes_received: int | None
+    quorum_wait_s: float | None  # waiting for min_peers before the round could start
     round_s: float  # from the first start_round sent to the round's close
     aggregate_s: float
     eval_s: float
@@ -122,23 +123,27 @@ def summarize(
     coordinator: Mapping[str, Any] | None = None,
     coordinator_history: list[dict[str, Any]] | None = None,
     crashed: Iterable[int] = (),
+    engine: str = "launch",
 ) -> dict[str, Any]:
     """The `summary.json` of a run: outcome, final holdout accuracy, traffic, time.
 
     Traffic counts every node, the coordinator (node "coordinator") included, so the
-    two modes' totals and busiest nodes compare like for like.
+    two modes' totals and busiest nodes compare like for like; `engine = "sim"` (the
+    simulator: nothing on a wire) leaves the traffic figures None.
     """
     completed, failed = sorted(completed), sorted(failed)
+    networked = engine != "sim"  # the simulator moves no bytes: its traffic is None
     finals = [
         h[-1]["holdout_accuracy"]
         for p, h in histories.items()
         if p in completed and h and h[-1]["holdout_accuracy"] is not None
     ]
-    sent: dict[int | str, int] = {p: sum(r["bytes_sent"] for r in h) for p, h in histories.items()}
-    through: dict[int | str, int] = {
-        p: sent[p] + sum(r["bytes_received"] for r in h) for p, h in histories.items()
-    }
-    if coordinator_history:
+    sent: dict[int | str, int] = {}
+    through: dict[int | str, int] = {}
+    if networked:
+        sent = {p: sum(r["bytes_sent"] for r in h) for p, h in histories.items()}
+        through = {p: sent[p] + sum(r["bytes_received"] for r in h) for p, h in histories.items()}
+    if coordinator_history and networked:
         sent["coordinator"] = sum(r["bytes_sent"] for r in coordinator_history)
         through["coordinator"] = sent["coordinator"] + sum(
             r["bytes_received"] for r in coordinator_history
@@ -146,15 +151,16 @@ def summarize(
     return {
         "scenario": scenario,
         "mode": mode,
+        "engine": engine,
         "peers": len(histories),
         "rounds": rounds,
         "completed_peers": completed,
         "failed_peers": failed,
         "crashed_peers": sorted(crashed),  # killed on purpose by [faults] crash
         "final_holdout_accuracy": _stats(finals),
-        "bytes_sent_total": sum(sent.values()),
-        "bytes_sent_busiest": _busiest(sent),
-        "bytes_through_busiest": _busiest(through),
+        "bytes_sent_total": sum(sent.values()) if networked else None,
+        "bytes_sent_busiest": _busiest(sent) if networked else None,
+        "bytes_through_busiest": _busiest(through) if networked else None,
         "wall_s": wall_s,
         "started_at": started_at,
         "coordinator": dict(coordinator) if coordinator is not None else None,

@@ -106,3 +106,42 @@ class PeerHistory:
     def close(self) -> None:
         """Close the file."""
         self._writer.close()
+
+
+def simulated(
+    round_: int,
+    *,
+    test_accuracy: float,
+    holdout_accuracy: float | None,
+    evaluated_on: str,
+    t: float,
+    wall: float,
+    train_loss: float | None = None,
+    heard: Iterable[int] = (),
+    missing: Iterable[int] = (),
+    disagreement: float | None = None,
+) -> RoundRecord:
+    """A simulated peer's line: the same fields, the networked measurements (bytes,
+    per-peer seconds, CPU) None, since the simulator runs every peer in one batched call.
+
+    `t` is seconds since the simulation started, `wall` the unix time of the line.
+    """
+    return RoundRecord(
+        round=round_,
+        train_loss=train_loss,
+        test_accuracy=test_accuracy,
+        holdout_accuracy=holdout_accuracy,
+        bytes_sent=None,
+        bytes_received=None,
+        train_s=None,
+        eval_s=None,
+        comm_s=None,
+        wait_s=None,
+        cpu_s=None,
+        neighbours_heard=sorted(heard),
+        neighbours_missing=sorted(missing),
+        disagreement=disagreement,
+        t=t,
+        time=wall,
+        evaluated_on=evaluated_on,
+    )

@@ -1,0 +1,159 @@
+"""A synchronous gossip round for every peer at once: the networked peer's core step over
+gathered neighbourhoods.
+
+Peer i's neighbourhood is a fixed row of `k_max` slots (its neighbours in ascending
+id, then padding), so a round gathers `[n, k_max, d]` from the models sent and calls
+`core.mixing.gossip_step` under `jax.vmap`: the very function a networked peer calls
+on the `[degree, d]` stack `stack_neighbourhood` builds, with zero-weight rows where a
+neighbour was not heard (padding slots are never heard). Never an n x n matrix.
+
+Who is heard is the networked round's rule: the sender is alive, the link delivered
+its model, and the receiver keeps it only if it is finite (the wire check drops the
+rest). Each heard neighbour weighs what `core.graphs.local_weights` gives it; the rest
+of the weight stays with the peer. A robust aggregator runs peer by peer, the
+networked rule itself on the same `[degree, d]` stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p2pfl.core.aggregators import GossipAggregator
+from p2pfl.core.attacks import dissensus
+from p2pfl.core.graphs import Mixing, local_weights
+from p2pfl.core.mixing import disagreement, gossip_step
+
+
+class Neighbourhoods(NamedTuple):
+    """Every peer's neighbourhood as fixed-width rows."""
+
+    idx: np.ndarray  # [n, k_max] int32: neighbours in ascending id, then the peer itself
+    weight: np.ndarray  # [n, k_max] float32: each neighbour's mixing weight (0: padding)
+    real: np.ndarray  # [n, k_max] bool: a neighbour, not padding
+    degree: np.ndarray  # [n] int
+
+
+def neighbourhoods(neighbours: Sequence[Sequence[int]], mixing: Mixing) -> Neighbourhoods:
+    """The rows of every peer from its sorted neighbour list and the mixing rule.
+
+    Weights are `local_weights` of all neighbours (the networked peer's weights when it
+    hears every one of them; a neighbour not heard only zeroes its own weight).
+    """
+    n = len(neighbours)
+    degree = np.array([len(nb) for nb in neighbours])
+    k = max(1, int(degree.max()))
+    idx = np.repeat(np.arange(n, dtype=np.int32)[:, None], k, axis=1)
+    weight = np.zeros((n, k), np.float32)
+    real = np.zeros((n, k), bool)
+    for i, nb in enumerate(neighbours):
+        w = local_weights(mixing, len(nb), {j: int(degree[j]) for j in nb})
+        idx[i, : len(nb)] = nb
+        weight[i, : len(nb)] = [w[j] for j in nb]
+        real[i, : len(nb)] = True
+    return Neighbourhoods(idx, weight, real, degree)
+
+
+class Mixed(NamedTuple):
+    """The round's new models and figures, for every peer."""
+
+    params: jax.Array  # [n, d]
+    disagreement: np.ndarray  # [n]
+    kept_own: np.ndarray  # [n] bool: the mix failed or was not finite; own model kept
+
+
+@jax.jit
+def _mix_mean(own: jax.Array, stack: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mixed = jax.vmap(gossip_step)(own, stack, weights)
+    return mixed.params, mixed.disagreement
+
+
+def mix(
+    own: jax.Array,
+    sent: jax.Array,
+    nb: Neighbourhoods,
+    used: np.ndarray,
+    rule: GossipAggregator,
+    crafted: Mapping[tuple[int, int], jax.Array] | None = None,
+) -> Mixed:
+    """Every peer's gossip step.
+
+    Args:
+        own: `[n, d]` each peer's model after training.
+        sent: `[n, d]` what each peer sent (its model, or an attacker's transform of it).
+        nb: the neighbourhood rows.
+        used: `[n, k_max]` bool: slot heard this round and its model finite.
+        rule: the plan's gossip aggregator ("mean" is `gossip_step` itself).
+        crafted: (receiver, slot) -> the model a dissensus attacker sent that receiver
+            in place of its `sent` row.
+    """
+    weights = jnp.asarray(np.where(used, nb.weight, 0.0).astype(np.float32))
+    stack = sent[jnp.asarray(nb.idx)]  # [n, k_max, d]
+    for (i, slot), model in (crafted or {}).items():
+        stack = stack.at[i, slot].set(model)
+    if rule is gossip_step:
+        params, spread = _mix_mean(own, stack, weights)
+        return _keep_finite(own, params, np.asarray(spread), np.zeros(len(own), bool))
+    return _mix_each(own, stack, weights, nb, rule)
+
+
+def _mix_each(
+    own: jax.Array, stack: jax.Array, weights: jax.Array, nb: Neighbourhoods, rule: GossipAggregator
+) -> Mixed:
+    """A robust rule, peer by peer, on each peer's `[degree, d]` stack (numpy rules)."""
+    own_h, stack_h, w_h = (np.asarray(a) for a in (own, stack, weights))
+    out = np.empty_like(own_h)
+    spread = np.empty(len(own_h), np.float32)
+    failed = np.zeros(len(own_h), bool)
+    for i in range(len(own_h)):
+        k = int(nb.degree[i])
+        try:
+            mixed = rule(own_h[i], stack_h[i, :k], w_h[i, :k])
+            out[i], spread[i] = np.asarray(mixed.params), float(mixed.disagreement)
+        except ValueError:  # e.g. clipping would overflow float32: the peer keeps its own
+            out[i], failed[i] = own_h[i], True
+            spread[i] = float(disagreement(own_h[i], stack_h[i, :k], w_h[i, :k]))
+    return _keep_finite(own, jnp.asarray(out), spread, failed)
+
+
+def _keep_finite(
+    own: jax.Array, params: jax.Array, spread: np.ndarray, failed: np.ndarray
+) -> Mixed:
+    """A peer whose mixed model is not finite keeps its own, as the networked peer does."""
+    finite = np.asarray(jnp.isfinite(params).all(axis=1))
+    params = jnp.where(jnp.asarray(finite)[:, None], params, own)
+    return Mixed(params, spread, failed | ~finite)
+
+
+def dissensus_rows(
+    gains: Mapping[int, Mapping[int, float]],
+    own: jax.Array,
+    sent: jax.Array,
+    nb: Neighbourhoods,
+    delivered: np.ndarray,
+) -> dict[tuple[int, int], jax.Array]:
+    """What each dissensus attacker sends each honest neighbour it heard this round:
+    `core.attacks.dissensus` of the neighbour's model and its own (its own model where
+    that is not finite); a target it did not hear gets the plain model (no row here).
+
+    `delivered[i, slot]`: peer i's model reached its neighbour `nb.idx[i, slot]`... read
+    here from the receiver's side: `delivered[j, s]` is whether the model of
+    `nb.idx[j, s]` reached j.
+    """
+    rows: dict[tuple[int, int], jax.Array] = {}
+    own_h, sent_h = np.asarray(own), np.asarray(sent)
+    for a, targets in gains.items():
+        slots_of_a = {int(j): s for s, j in enumerate(nb.idx[a]) if nb.real[a, s]}
+        for j, gain in targets.items():
+            if not delivered[a, slots_of_a[j]]:
+                continue  # a never had j's model: it sends j its plain model
+            crafted = dissensus(sent_h[j], own_h[a], gain)
+            if not np.isfinite(crafted).all():
+                crafted = own_h[a]
+            slot = next(s for s in range(nb.idx.shape[1]) if nb.real[j, s] and nb.idx[j, s] == a)
+            rows[(j, slot)] = jnp.asarray(crafted, jnp.float32)
+    return rows

@@ -1,0 +1,144 @@
+"""Every peer of a run on one leading axis: stacked shards, stacked states, batched steps.
+
+The peers' data comes from `learning.local.host_data` (the dataset loaded and split
+once, each peer's shard padded to the scenario's shared shapes, exactly as each
+networked peer derives its own), their initial states from the trainer's `init` under
+`jax.vmap`, and training and evaluation are the networked peer's own `Trainer`
+functions under `jax.vmap`. Work runs in chunks of at most `chunk` peers, every chunk
+the same size (the last one padded by repeating its last peer), so one compiled
+program serves the whole run and memory stays flat however many peers there are.
+
+With more than one JAX device, each chunk's peer axis is sharded across them
+(`jax.sharding.NamedSharding` over a one-axis mesh): the same programs, partitioned by
+XLA, and the same results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from p2pfl.learning.local import LearningSpec, host_data, init_args, make_peer_trainer
+from p2pfl.learning.trainer import Shard, Trainer, TrainState
+
+Tree = Any  # a pytree whose leaves all have the peer axis first
+Rows = np.ndarray | None  # peer ids to run, in order (None: every peer)
+
+
+class Population(NamedTuple):
+    """All peers' data and learning functions; their states live beside it (`states`)."""
+
+    train: Shard  # x [n, n_max, f], y [n, n_max], n [n]
+    test: Shard
+    holdout: Shard | None  # the common holdout, not stacked
+    n_train: np.ndarray  # [n] real training samples: the FedAvg weights
+    trainer: Trainer
+    n_classes: int
+    chunk: int  # peers per batched call (a multiple of the device count)
+    sharding: NamedSharding | None  # the peer axis across devices, if more than one
+    train_step: Callable[[TrainState, Shard], tuple[TrainState, jax.Array]]  # vmapped
+    evaluate_step: Callable[..., Any]  # vmapped (params, test, holdout) -> metrics
+
+
+def _sharding(chunk: int) -> tuple[int, NamedSharding | None]:
+    """The chunk rounded up to a multiple of the devices, and the peer-axis sharding."""
+    devices = jax.devices()
+    if len(devices) == 1:
+        return chunk, None
+    chunk = -(-chunk // len(devices)) * len(devices)
+    mesh = Mesh(np.array(devices), ("peers",))
+    return chunk, NamedSharding(mesh, PartitionSpec("peers"))
+
+
+def build(spec: LearningSpec, chunk: int, label_flips: frozenset[int] = frozenset()) -> Population:
+    """Every peer of `spec`'s data set-up, in id order; `chunk` bounds a batched call."""
+    n = spec.data.peers
+    host, ds = host_data(spec.data, list(range(n)), label_flips)
+    trainer = make_peer_trainer(spec, ds)
+    chunk, sharding = _sharding(min(chunk, n))
+    holdout = None if host.holdout is None else Shard(*jax.device_put(host.holdout))
+    return Population(
+        Shard(*jax.device_put(host.train)),  # on the device once, sliced per chunk
+        Shard(*jax.device_put(host.test)),
+        holdout,
+        host.n_train,
+        trainer,
+        ds.n_classes,
+        chunk,
+        sharding,
+        jax.jit(jax.vmap(trainer.train)),
+        _evaluate_fn(trainer),
+    )
+
+
+def initial_states(pop: Population, spec: LearningSpec) -> TrainState:
+    """Every peer's initial state, stacked: `trainer.init` of each peer's streams."""
+    args = np.array([init_args(spec, i) for i in range(len(pop.n_train))], dtype=np.int32)
+    init = jax.vmap(pop.trainer.init)
+    return _map_chunks(lambda a: init(a[:, 0], a[:, 1], a[:, 2]), pop, args, rows=None)
+
+
+def _take(tree: Tree, rows: np.ndarray) -> Tree:
+    return jax.tree_util.tree_map(lambda a: a[rows], tree)
+
+
+def _map_chunks(fn: Callable[..., Tree], pop: Population, *stacked: Tree, rows: Rows) -> Tree:
+    """`fn` over the peer axis of `stacked` (every peer's, in id order), for peers `rows`
+    (None: all) in that order, `pop.chunk` peers a call; the results stacked like `rows`."""
+    n = len(pop.n_train)
+    whole = rows is None and n == pop.chunk  # one call on the stacks as they are
+    ids = np.arange(n) if rows is None else np.asarray(rows)
+    if len(ids) == 0:
+        raise ValueError("no peers to run")
+    outs = []
+    for start in range(0, len(ids), pop.chunk):
+        part = ids[start : start + pop.chunk]
+        padded = np.concatenate([part, np.full(pop.chunk - len(part), part[-1])])
+        args = list(stacked) if whole else [_take(a, padded) for a in stacked]
+        if pop.sharding is not None:
+            args = jax.device_put(args, pop.sharding)
+        out = fn(*args)
+        outs.append(_take(out, np.arange(len(part))) if len(part) < pop.chunk else out)
+    if len(outs) == 1:
+        return outs[0]
+    return jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *outs)
+
+
+def train(pop: Population, states: TrainState, rows: Rows = None) -> tuple[TrainState, jax.Array]:
+    """One round's local training of peers `rows` (None: all) from their `states` (every
+    peer's, stacked): the new states and losses of `rows`, stacked in that order."""
+    return _map_chunks(pop.train_step, pop, states, pop.train, rows=rows)
+
+
+def _evaluate_fn(trainer: Trainer) -> Callable[..., Any]:
+    def one(params: jax.Array, test: Shard, holdout: Shard | None) -> Any:
+        return trainer.evaluate_sets(params, (test,) if holdout is None else (test, holdout))
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+
+
+def evaluate(
+    pop: Population, params: jax.Array, rows: Rows = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(test accuracy, holdout accuracy or None) of peers `rows` (None: all), in that
+    order: each peer's model from `params` (every peer's, `[n, d]`) on its own test split
+    and on the common holdout."""
+    results = _map_chunks(
+        lambda p, t: pop.evaluate_step(p, t, pop.holdout), pop, params, pop.test, rows=rows
+    )
+    results = jax.device_get(results)
+    test_acc = np.asarray(results[0][0])
+    hold_acc = np.asarray(results[1][0]) if len(results) > 1 else None
+    return test_acc, hold_acc
+
+
+def evaluate_holdout(pop: Population, params: jax.Array) -> tuple[float, float]:
+    """(accuracy, loss) of one model `[d]` on the common holdout (the server's figure)."""
+    assert pop.holdout is not None
+    results = jax.device_get(pop.trainer.evaluate_sets(params, (pop.holdout,)))
+    return float(results[0][0]), float(results[0][1])
