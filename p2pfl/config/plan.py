@@ -306,6 +306,7 @@ class SimPlan:
     link_drop: float
     learning: LearningSpec
     chunk: int  # peers per batched call ([sim] chunk)
+    eval_every: int = 1  # gossip: evaluate every this many rounds (and the last)
 
 
 def _rounds_until(seconds: float, round_s: float) -> int:
@@ -376,4 +377,5 @@ def sim_plan(s: Scenario, out: Path) -> SimPlan:
         link_drop=s.faults.link_drop,
         learning=learning_spec(s),
         chunk=s.sim.chunk,
+        eval_every=s.sim.eval_every,
     )

@@ -215,6 +215,10 @@ class Sim(_Section):
     # the nominal wall time of one round: maps rejoin_after_s onto rounds
     round_s: float = Field(1.0, gt=0.0)
     chunk: int = Field(1024, ge=1)  # peers trained / evaluated per batched call: flat memory
+    # gossip: evaluate every peer every this many rounds (and always the last); the lines
+    # of other rounds carry no accuracy. Evaluating 1,000s of peers on the holdout each
+    # round costs more than training them.
+    eval_every: int = Field(1, ge=1)
 
 
 class Network(_Section):

@@ -111,7 +111,7 @@ class PeerHistory:
 def simulated(
     round_: int,
     *,
-    test_accuracy: float,
+    test_accuracy: float | None,
     holdout_accuracy: float | None,
     evaluated_on: str,
     t: float,

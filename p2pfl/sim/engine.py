@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -30,11 +30,12 @@ from p2pfl.core import streams
 from p2pfl.learning.trainer import TrainState
 from p2pfl.protocol.fedavg_client import lines_on_adopt
 from p2pfl.protocol.fedavg_rounds import close_reason, sample
-from p2pfl.record.history import HistoryWriter, ServerRecord
+from p2pfl.record.history import HistoryWriter, ServerRecord, as_dict
 from p2pfl.record.rounds import simulated
+from p2pfl.record.runs import Result
 from p2pfl.sim import population
 from p2pfl.sim.gossip import dissensus_rows, mix, neighbourhoods
-from p2pfl.sim.outputs import Histories, Result, summary, write_models
+from p2pfl.sim.outputs import Histories, summary, write_models
 from p2pfl.sim.schedule import Schedule
 
 log = structlog.get_logger()
@@ -106,18 +107,28 @@ class _Run:
         self.histories.write(peer, record)
 
     def evaluate_lines(
-        self, params: jax.Array, rows: np.ndarray, round_: int, evaluated_on: str, **per_peer: Any
+        self,
+        params: jax.Array,
+        rows: np.ndarray,
+        round_: int,
+        evaluated_on: str,
+        evaluate: bool = True,
+        **per_peer: Any,
     ) -> np.ndarray | None:
         """Evaluate peers `rows` on `params` (every peer's) and write their lines; the
-        holdout accuracies come back. `per_peer` values are arrays like `rows`."""
+        holdout accuracies come back. `per_peer` values are arrays like `rows`. Without
+        `evaluate` the lines carry no accuracy."""
         if len(rows) == 0:
             return None
-        test, hold = population.evaluate(self.pop, params, rows)
+        if evaluate:
+            test, hold = population.evaluate(self.pop, params, rows)
+        else:
+            test, hold = np.full(len(rows), np.nan), None
         for k, i in enumerate(rows):
             self.line(
                 int(i),
                 round_,
-                test_accuracy=float(test[k]),
+                test_accuracy=None if np.isnan(test[k]) else float(test[k]),
                 holdout_accuracy=None if hold is None else float(hold[k]),
                 evaluated_on=evaluated_on,
                 **{name: values[k] for name, values in per_peer.items()},
@@ -151,7 +162,7 @@ class _Run:
             alive = self.schedule.alive(r)
             self.catch_up(r, nb)
             rows = everyone[alive]
-            trained, losses = population.train(self.pop, self.states, rows)
+            trained, losses = population.train(self.pop, self.states, None if alive.all() else rows)
             self.states = _scatter(self.states, rows, trained)
             own = self.states.params
             sent = self.outgoing(own, alive)
@@ -164,11 +175,13 @@ class _Run:
             self.states = self.states._replace(params=jnp.where(keep, mixed.params, own))
             heard = [nb.idx[i][delivered[i]] for i in rows]
             missing = [nb.idx[i][nb.real[i] & ~delivered[i]] for i in rows]
+            every = p.eval_every
             hold = self.evaluate_lines(
                 self.states.params,
                 rows,
                 r,
                 "mixed",
+                r % every == 0 or r == p.run.rounds,
                 train_loss=[float(x) for x in np.asarray(losses)],
                 heard=[h.tolist() for h in heard],
                 missing=[m.tolist() for m in missing],
@@ -364,7 +377,7 @@ class _Run:
             self.histories.columns,
             models,
             p.run.out,
-            [asdict(s) for s in self.server],
+            [as_dict(s) for s in self.server],
             global_model,
         )
 

@@ -67,9 +67,16 @@ class Mixed(NamedTuple):
 
 
 @jax.jit
-def _mix_mean(own: jax.Array, stack: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    mixed = jax.vmap(gossip_step)(own, stack, weights)
+def _mix_mean(
+    own: jax.Array, sent: jax.Array, idx: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`gossip_step` of every peer on its gathered `[k_max, d]` rows, in one program."""
+    mixed = jax.vmap(gossip_step)(own, sent[idx], weights)
     return mixed.params, mixed.disagreement
+
+
+# the same step on a stack already gathered (a dissensus attacker's rows put in)
+_mix_stack = jax.jit(jax.vmap(gossip_step))
 
 
 def mix(
@@ -92,11 +99,14 @@ def mix(
             in place of its `sent` row.
     """
     weights = jnp.asarray(np.where(used, nb.weight, 0.0).astype(np.float32))
+    if rule is gossip_step and not crafted:
+        params, spread = _mix_mean(own, sent, jnp.asarray(nb.idx), weights)
+        return _keep_finite(own, params, np.asarray(spread), np.zeros(len(own), bool))
     stack = sent[jnp.asarray(nb.idx)]  # [n, k_max, d]
     for (i, slot), model in (crafted or {}).items():
         stack = stack.at[i, slot].set(model)
     if rule is gossip_step:
-        params, spread = _mix_mean(own, stack, weights)
+        params, spread = _mix_stack(own, stack, weights)
         return _keep_finite(own, params, np.asarray(spread), np.zeros(len(own), bool))
     return _mix_each(own, stack, weights, nb, rule)
 

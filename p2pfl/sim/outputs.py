@@ -6,39 +6,28 @@ mode, `models/peer-<id>.npz` (and `models/global.npz`), `summary.json`. Beyond i
 per-peer files would number in the thousands: the histories go to one columnar
 `history.npz` (one `[rounds + 1, peers]` array per field, NaN where a peer has no
 line) and the models to `models/peers.npz` (`params`, `[peers, d]`); `summary.json`,
-`coordinator.jsonl` and the plot stay. `p2pfl.sim.load_run` reads either form.
+`coordinator.jsonl` and the plot stay. `p2pfl.record.runs.load_run` reads either form.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from p2pfl.record.history import HistoryWriter, RoundRecord, ServerRecord, save_model, summarize
+from p2pfl.record.history import (
+    HistoryWriter,
+    RoundRecord,
+    ServerRecord,
+    as_dict,
+    save_model,
+    summarize,
+)
+from p2pfl.record.runs import COLUMNS
 
 COLUMNAR_ABOVE = 1024  # more peers than this: history.npz and models/peers.npz
-COLUMNS = ("holdout_accuracy", "test_accuracy", "train_loss", "disagreement")
-
-
-@dataclass
-class Result:
-    """What a run gives back: the summary, per-round arrays, the final models.
-
-    `history[name]` is `[rounds + 1, peers]` float (NaN where a peer has no line that
-    round) for each of `COLUMNS`; `models` is `[peers, d]` float32; in centralized mode
-    `server` holds the coordinator's lines and `global_model` the final global model.
-    """
-
-    summary: dict[str, Any]
-    history: dict[str, np.ndarray]
-    models: np.ndarray
-    out: Path
-    server: list[dict[str, Any]] = field(default_factory=list)
-    global_model: np.ndarray | None = None
 
 
 class Histories:
@@ -57,7 +46,7 @@ class Histories:
 
     def write(self, peer: int, record: RoundRecord) -> None:
         """Keep (and, for a small run, write) peer `peer`'s line."""
-        line = asdict(record)
+        line = as_dict(record)
         for k in COLUMNS:
             if line[k] is not None:
                 self.columns[k][record.round, peer] = line[k]
@@ -110,7 +99,7 @@ def summary(
         wall_s,
         started_at,
         coordinator={"role": "server", "exit_code": 0} if mode == "centralized" else None,
-        coordinator_history=[asdict(r) for r in server],
+        coordinator_history=[as_dict(r) for r in server],
         crashed=crashed,
         engine="sim",
     )

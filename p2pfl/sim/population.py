@@ -28,6 +28,9 @@ from p2pfl.learning.trainer import Shard, Trainer, TrainState
 
 Tree = Any  # a pytree whose leaves all have the peer axis first
 Rows = np.ndarray | None  # peer ids to run, in order (None: every peer)
+# samples evaluated in one call at most (every peer of a chunk on its test split and the
+# holdout): ~1 GB of an MLP-64's activations, so evaluation memory stays flat
+EVAL_ROWS = 2**21
 
 
 class Population(NamedTuple):
@@ -40,6 +43,7 @@ class Population(NamedTuple):
     trainer: Trainer
     n_classes: int
     chunk: int  # peers per batched call (a multiple of the device count)
+    eval_chunk: int  # peers per evaluation call: bounded by the rows it evaluates
     sharding: NamedSharding | None  # the peer axis across devices, if more than one
     train_step: Callable[[TrainState, Shard], tuple[TrainState, jax.Array]]  # vmapped
     evaluate_step: Callable[..., Any]  # vmapped (params, test, holdout) -> metrics
@@ -62,6 +66,8 @@ def build(spec: LearningSpec, chunk: int, label_flips: frozenset[int] = frozense
     trainer = make_peer_trainer(spec, ds)
     chunk, sharding = _sharding(min(chunk, n))
     holdout = None if host.holdout is None else Shard(*jax.device_put(host.holdout))
+    rows = host.test[0].shape[1] + (0 if host.holdout is None else len(host.holdout[1]))
+    eval_chunk, _ = _sharding(max(1, min(chunk, EVAL_ROWS // max(1, rows))))
     return Population(
         Shard(*jax.device_put(host.train)),  # on the device once, sliced per chunk
         Shard(*jax.device_put(host.test)),
@@ -70,6 +76,7 @@ def build(spec: LearningSpec, chunk: int, label_flips: frozenset[int] = frozense
         trainer,
         ds.n_classes,
         chunk,
+        eval_chunk,
         sharding,
         jax.jit(jax.vmap(trainer.train)),
         _evaluate_fn(trainer),
@@ -87,23 +94,29 @@ def _take(tree: Tree, rows: np.ndarray) -> Tree:
     return jax.tree_util.tree_map(lambda a: a[rows], tree)
 
 
-def _map_chunks(fn: Callable[..., Tree], pop: Population, *stacked: Tree, rows: Rows) -> Tree:
+def _map_chunks(
+    fn: Callable[..., Tree], pop: Population, *stacked: Tree, rows: Rows, chunk: int | None = None
+) -> Tree:
     """`fn` over the peer axis of `stacked` (every peer's, in id order), for peers `rows`
-    (None: all) in that order, `pop.chunk` peers a call; the results stacked like `rows`."""
+    (None: all) in that order, `chunk` (default `pop.chunk`) peers a call; the results
+    stacked like `rows`."""
     n = len(pop.n_train)
-    whole = rows is None and n == pop.chunk  # one call on the stacks as they are
+    if rows is not None and len(rows) == n and (np.asarray(rows) == np.arange(n)).all():
+        rows = None  # every peer in order: no gather
+    size = pop.chunk if chunk is None else chunk
+    whole = rows is None and n == size  # one call on the stacks as they are
     ids = np.arange(n) if rows is None else np.asarray(rows)
     if len(ids) == 0:
         raise ValueError("no peers to run")
     outs = []
-    for start in range(0, len(ids), pop.chunk):
-        part = ids[start : start + pop.chunk]
-        padded = np.concatenate([part, np.full(pop.chunk - len(part), part[-1])])
+    for start in range(0, len(ids), size):
+        part = ids[start : start + size]
+        padded = np.concatenate([part, np.full(size - len(part), part[-1])])
         args = list(stacked) if whole else [_take(a, padded) for a in stacked]
         if pop.sharding is not None:
             args = jax.device_put(args, pop.sharding)
         out = fn(*args)
-        outs.append(_take(out, np.arange(len(part))) if len(part) < pop.chunk else out)
+        outs.append(_take(out, np.arange(len(part))) if len(part) < size else out)
     if len(outs) == 1:
         return outs[0]
     return jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *outs)
@@ -129,7 +142,12 @@ def evaluate(
     order: each peer's model from `params` (every peer's, `[n, d]`) on its own test split
     and on the common holdout."""
     results = _map_chunks(
-        lambda p, t: pop.evaluate_step(p, t, pop.holdout), pop, params, pop.test, rows=rows
+        lambda p, t: pop.evaluate_step(p, t, pop.holdout),
+        pop,
+        params,
+        pop.test,
+        rows=rows,
+        chunk=pop.eval_chunk,
     )
     results = jax.device_get(results)
     test_acc = np.asarray(results[0][0])
