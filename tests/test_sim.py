@@ -173,3 +173,18 @@ def test_centralized_schedule_kills_on_the_first_sampled_round():
     assert sched.alive(5).tolist() == [True, True, False, True]
     assert sched.alive(6).tolist() == [True] * 4  # back 2 rounds later, as planned
     assert sched.crashed == [2]
+
+
+def test_more_peers_than_a_launch_runs_are_for_the_simulator(tmp_path):
+    from rich.console import Console
+
+    from p2pfl.app.launch import launch
+    from p2pfl.app.ports import LaunchError
+
+    big = {
+        "topology": {"peers": 40_000},
+        "data": {"dataset": "synthetic", "synthetic_samples": 100_000},
+    }
+    s = scenario(big)  # base_port + peers > 65535: no matter, the simulator binds nothing
+    with pytest.raises(LaunchError, match="p2pfl simulate"):
+        launch(s, None, tmp_path / "run", Console(quiet=True))

@@ -35,6 +35,7 @@ from rich.table import Table
 
 from p2pfl.app import precompile
 from p2pfl.app.ports import LaunchError, unusable_addresses
+from p2pfl.config.loader import MAX_LAUNCH_PEERS
 from p2pfl.config.schema import Scenario
 from p2pfl.record import history
 from p2pfl.runtime import process, roles
@@ -358,6 +359,11 @@ def launch(
     On Ctrl-C or SIGTERM every peer is stopped, the summary of what ran is still
     written, and the interruption propagates to the caller.
     """
+    if scenario.peers > MAX_LAUNCH_PEERS:
+        raise LaunchError(
+            f"topology.peers = {scenario.peers}: p2pfl launch starts one process per peer, "
+            f"at most {MAX_LAUNCH_PEERS}; run it with p2pfl simulate"
+        )
     problems = unusable_addresses(scenario)
     if problems:
         raise LaunchError(

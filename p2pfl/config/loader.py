@@ -22,6 +22,8 @@ from p2pfl.core.graphs import GraphError, build_graph
 from p2pfl.learning import datasets
 from p2pfl.learning.partition import min_pool, pool_size
 
+MAX_LAUNCH_PEERS = 1024  # processes `p2pfl launch` starts at most; more: `p2pfl simulate`
+
 
 def graph(s: Scenario) -> nx.Graph:
     """The scenario's graph (`[topology]`, its seed, files relative to the scenario file)."""
@@ -81,7 +83,8 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
             f"network.addresses has {len(s.network.addresses)} entries: "
             f"one per peer is needed (topology.peers = {n})"
         )
-    if s.network.addresses is None and s.network.base_port + n > 65535:
+    # more peers than a launch runs are for the simulator, which binds no port
+    if s.network.addresses is None and n <= MAX_LAUNCH_PEERS and s.network.base_port + n > 65535:
         raise ScenarioError(f"network.base_port = {s.network.base_port}: too high for {n} peers")
     graph(s)  # the very graph the peers will build
     if s.data.dataset == "npz":
@@ -198,7 +201,7 @@ def _check_coordinator(s: Scenario) -> None:
                 "coordinator.address is missing: with network.addresses the coordinator's "
                 "address cannot be derived from network.base_port"
             )
-        if s.network.base_port + n + 1 > 65535:
+        if n <= MAX_LAUNCH_PEERS and s.network.base_port + n + 1 > 65535:
             raise ScenarioError(
                 f"network.base_port = {s.network.base_port}: no room for the coordinator's "
                 f"two ports after {n} peers"

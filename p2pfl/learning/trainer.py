@@ -146,9 +146,28 @@ def make_trainer(
     """
     unravel, n_params = _unraveler(model)
 
-    def loss_fn(flat: FlatParams, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
-        logits = model.apply(unravel(flat), x)
+    def tree_loss(params: Any, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
+        logits = model.apply(params, x)
         return _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, y), mask)
+
+    def _state_as(flat_state: Any, to_tree: Callable[[FlatParams], Any]) -> Any:
+        """The optimizer state with each params-shaped leaf as a parameter pytree."""
+        leaves, treedef = jax.tree_util.tree_flatten(flat_state)
+        return jax.tree_util.tree_unflatten(
+            treedef, [to_tree(x) if x.shape == (n_params,) else x for x in leaves]
+        )
+
+    def _state_back(flat_state: Any, tree_state: Any) -> Any:
+        """`_state_as` undone: params-shaped subtrees back to flat vectors."""
+        leaves, treedef = jax.tree_util.tree_flatten(flat_state)
+        parts = treedef.flatten_up_to(tree_state)  # type: ignore[attr-defined]
+        return jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                _ravel(p) if x.shape == (n_params,) else p
+                for x, p in zip(leaves, parts, strict=True)
+            ],
+        )
 
     @jax.jit
     def init(seed: int, init_stream: int, train_stream: int) -> TrainState:
@@ -170,7 +189,9 @@ def make_trainer(
 
             def run(carry: tuple) -> tuple[tuple, jax.Array]:
                 params, opt_state = carry
-                loss, grads = jax.value_and_grad(loss_fn)(params, shard.x[idx], shard.y[idx], valid)
+                loss, grads = jax.value_and_grad(tree_loss)(
+                    params, shard.x[idx], shard.y[idx], valid
+                )
                 updates, opt_state = optimizer.update(grads, opt_state, params)
                 return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -187,9 +208,14 @@ def make_trainer(
             carry, losses = jax.lax.scan(step, carry, batches)
             return carry, losses.sum() / jnp.maximum(own_batches, 1)
 
+        # The steps run on the parameter pytree (and the optimizer state's params-shaped
+        # leaves as pytrees): the same arithmetic as on the flat vector, without an
+        # unravel and its gradient's concatenation in every step (~25% of a step).
+        start = (unravel(state.params), _state_as(state.opt_state, unravel))
         keys = jax.random.split(state.key, local_epochs + 1)
-        (params, opt_state), losses = jax.lax.scan(epoch, (state.params, state.opt_state), keys[1:])
-        return TrainState(params, opt_state, keys[0]), losses[-1]
+        (params, opt_state), losses = jax.lax.scan(epoch, start, keys[1:])
+        flat_state = _state_back(state.opt_state, opt_state)
+        return TrainState(_ravel(params), flat_state, keys[0]), losses[-1]
 
     def metrics(flat: FlatParams, shard: Shard) -> Metrics:
         logits = model.apply(unravel(flat), shard.x)
@@ -203,6 +229,11 @@ def make_trainer(
         return tuple(metrics(flat, s) for s in shards)
 
     return Trainer(init, train, jax.jit(metrics), evaluate_sets, with_params, n_params)
+
+
+def _ravel(tree: Any) -> FlatParams:
+    """A parameter pytree as the flat float32 vector (leaves in pytree order)."""
+    return jnp.concatenate([leaf.ravel() for leaf in jax.tree_util.tree_leaves(tree)])
 
 
 def with_params(state: TrainState, flat: FlatParams | np.ndarray) -> TrainState:

@@ -62,6 +62,19 @@ def _scatter(states: TrainState, rows: np.ndarray, new: TrainState) -> TrainStat
     return jax.tree_util.tree_map(lambda a, b: a.at[idx].set(b), states, new)
 
 
+def _heard_and_missing(
+    idx: np.ndarray, real: np.ndarray, delivered: np.ndarray, rows: np.ndarray
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each of `rows`' neighbours heard this round and those not (plain lists, for lines)."""
+    heard, missing = [], []
+    for ids, is_real, got in zip(
+        idx[rows].tolist(), real[rows].tolist(), delivered[rows].tolist(), strict=True
+    ):
+        heard.append([j for j, r, g in zip(ids, is_real, got, strict=True) if r and g])
+        missing.append([j for j, r, g in zip(ids, is_real, got, strict=True) if r and not g])
+    return heard, missing
+
+
 def _round(trained: int) -> int | None:
     """A peer's last trained round as `lines_on_adopt` takes it (-1: none yet)."""
     return None if trained < 0 else int(trained)
@@ -95,6 +108,7 @@ class _Run:
         self.n = r.peers
         self.schedule = Schedule(self.n, plan.crashes, r.mode)
         self.global_model: jax.Array | None = None  # centralized: the server's model
+        self.global_holdout: float | None = None  # ... and its holdout accuracy
         self.histories = Histories(r.out, self.n, r.rounds)
         self.server: list[ServerRecord] = []
         self.t0, self.started_at = time.perf_counter(), time.time()
@@ -113,14 +127,20 @@ class _Run:
         round_: int,
         evaluated_on: str,
         evaluate: bool = True,
+        holdout: float | None = None,
         **per_peer: Any,
     ) -> np.ndarray | None:
         """Evaluate peers `rows` on `params` (every peer's) and write their lines; the
         holdout accuracies come back. `per_peer` values are arrays like `rows`. Without
-        `evaluate` the lines carry no accuracy."""
+        `evaluate` the lines carry no accuracy; with `holdout` (one model for all of
+        them: the global one, already evaluated) only their test splits are evaluated."""
         if len(rows) == 0:
             return None
-        if evaluate:
+        hold: np.ndarray | None
+        if evaluate and holdout is not None:
+            test, _ = population.evaluate(self.pop, params, rows, holdout=False)
+            hold = np.full(len(rows), holdout)
+        elif evaluate:
             test, hold = population.evaluate(self.pop, params, rows)
         else:
             test, hold = np.full(len(rows), np.nan), None
@@ -167,14 +187,10 @@ class _Run:
             own = self.states.params
             sent = self.outgoing(own, alive)
             delivered = nb.real & alive[nb.idx] & alive[:, None] & self.links(r, nb.real.shape)
-            finite = np.asarray(jnp.isfinite(sent).all(axis=1))
-            used = delivered & finite[nb.idx]
             crafted = dissensus_rows(p.gains, own, sent, nb, delivered)
-            mixed = mix(own, sent, nb, used, p.aggregator, crafted)
-            keep = jnp.asarray(alive)[:, None]
-            self.states = self.states._replace(params=jnp.where(keep, mixed.params, own))
-            heard = [nb.idx[i][delivered[i]] for i in rows]
-            missing = [nb.idx[i][nb.real[i] & ~delivered[i]] for i in rows]
+            mixed = mix(own, sent, nb, delivered, alive, p.aggregator, crafted)
+            self.states = self.states._replace(params=mixed.params)
+            heard, missing = _heard_and_missing(nb.idx, nb.real, delivered, rows)
             every = p.eval_every
             hold = self.evaluate_lines(
                 self.states.params,
@@ -182,10 +198,10 @@ class _Run:
                 r,
                 "mixed",
                 r % every == 0 or r == p.run.rounds,
-                train_loss=[float(x) for x in np.asarray(losses)],
-                heard=[h.tolist() for h in heard],
-                missing=[m.tolist() for m in missing],
-                disagreement=[float(mixed.disagreement[i]) for i in rows],
+                train_loss=np.asarray(losses).tolist(),
+                heard=heard,
+                missing=missing,
+                disagreement=mixed.disagreement[rows].tolist(),
             )
             self.progress(r, hold, len(rows))
 
@@ -289,7 +305,10 @@ class _Run:
             )
             c.recorded[ids] = round_
         assert self.global_model is not None
-        if len(rows):
+        if len(rows) == self.n:
+            shape = self.states.params.shape
+            self.states = self.states._replace(params=jnp.broadcast_to(self.global_model, shape))
+        elif len(rows):
             idx = jnp.asarray(rows)
             self.states = self.states._replace(
                 params=self.states.params.at[idx].set(self.global_model)
@@ -306,6 +325,7 @@ class _Run:
                 on_global,
                 done,
                 "global",
+                holdout=self.global_holdout,
                 train_loss=[
                     float(x) if m else None for x, m in zip(c.losses[on_global], mine, strict=True)
                 ],
@@ -340,6 +360,7 @@ class _Run:
                 time=time.time(),
             )
         )
+        self.global_holdout = acc
         return acc
 
     # -- the end ------------------------------------------------------------------------

@@ -68,11 +68,22 @@ class Mixed(NamedTuple):
 
 @jax.jit
 def _mix_mean(
-    own: jax.Array, sent: jax.Array, idx: jax.Array, weights: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """`gossip_step` of every peer on its gathered `[k_max, d]` rows, in one program."""
+    own: jax.Array,
+    sent: jax.Array,
+    idx: jax.Array,
+    base: jax.Array,
+    delivered: jax.Array,
+    alive: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The whole plain-mean round after training, in one program: which rows are used
+    (delivered and finite), `gossip_step` of every peer on its gathered `[k_max, d]`
+    rows, and own models kept where the mix is not finite or the peer is down."""
+    finite = jnp.isfinite(sent).all(axis=1)
+    weights = jnp.where(delivered & finite[idx], base, 0.0)
     mixed = jax.vmap(gossip_step)(own, sent[idx], weights)
-    return mixed.params, mixed.disagreement
+    ok = jnp.isfinite(mixed.params).all(axis=1)
+    params = jnp.where((ok & alive)[:, None], mixed.params, own)
+    return params, mixed.disagreement, ~ok
 
 
 # the same step on a stack already gathered (a dissensus attacker's rows put in)
@@ -83,32 +94,42 @@ def mix(
     own: jax.Array,
     sent: jax.Array,
     nb: Neighbourhoods,
-    used: np.ndarray,
+    delivered: np.ndarray,
+    alive: np.ndarray,
     rule: GossipAggregator,
     crafted: Mapping[tuple[int, int], jax.Array] | None = None,
 ) -> Mixed:
-    """Every peer's gossip step.
+    """Every peer's gossip step; a peer that is down keeps its model.
 
     Args:
         own: `[n, d]` each peer's model after training.
         sent: `[n, d]` what each peer sent (its model, or an attacker's transform of it).
         nb: the neighbourhood rows.
-        used: `[n, k_max]` bool: slot heard this round and its model finite.
+        delivered: `[n, k_max]` bool: the slot's model reached the peer this round (it
+            is used if it is also finite: the receivers' wire check drops the rest).
+        alive: `[n]` bool: the peer is up this round.
         rule: the plan's gossip aggregator ("mean" is `gossip_step` itself).
         crafted: (receiver, slot) -> the model a dissensus attacker sent that receiver
             in place of its `sent` row.
     """
-    weights = jnp.asarray(np.where(used, nb.weight, 0.0).astype(np.float32))
     if rule is gossip_step and not crafted:
-        params, spread = _mix_mean(own, sent, jnp.asarray(nb.idx), weights)
-        return _keep_finite(own, params, np.asarray(spread), np.zeros(len(own), bool))
+        params, spread, failed = _mix_mean(
+            own, sent, nb.idx, nb.weight, jnp.asarray(delivered), jnp.asarray(alive)
+        )
+        return Mixed(params, np.asarray(spread), np.asarray(failed))
+    finite = np.asarray(jnp.isfinite(sent).all(axis=1))
+    used = delivered & finite[nb.idx]
+    weights = jnp.asarray(np.where(used, nb.weight, 0.0).astype(np.float32))
     stack = sent[jnp.asarray(nb.idx)]  # [n, k_max, d]
     for (i, slot), model in (crafted or {}).items():
         stack = stack.at[i, slot].set(model)
     if rule is gossip_step:
         params, spread = _mix_stack(own, stack, weights)
-        return _keep_finite(own, params, np.asarray(spread), np.zeros(len(own), bool))
-    return _mix_each(own, stack, weights, nb, rule)
+        mixed = _keep_finite(own, params, np.asarray(spread), np.zeros(len(own), bool))
+    else:
+        mixed = _mix_each(own, stack, weights, nb, rule)
+    keep = jnp.asarray(alive)[:, None]
+    return mixed._replace(params=jnp.where(keep, mixed.params, own))
 
 
 def _mix_each(
@@ -155,6 +176,8 @@ def dissensus_rows(
     `nb.idx[j, s]` reached j.
     """
     rows: dict[tuple[int, int], jax.Array] = {}
+    if not gains:
+        return rows
     own_h, sent_h = np.asarray(own), np.asarray(sent)
     for a, targets in gains.items():
         slots_of_a = {int(j): s for s, j in enumerate(nb.idx[a]) if nb.real[a, s]}

@@ -27,7 +27,7 @@ from p2pfl.record.history import (
 )
 from p2pfl.record.runs import COLUMNS
 
-COLUMNAR_ABOVE = 1024  # more peers than this: history.npz and models/peers.npz
+COLUMNAR_ABOVE = 256  # more peers than this: history.npz and models/peers.npz
 
 
 class Histories:

@@ -29,8 +29,8 @@ from p2pfl.learning.trainer import Shard, Trainer, TrainState
 Tree = Any  # a pytree whose leaves all have the peer axis first
 Rows = np.ndarray | None  # peer ids to run, in order (None: every peer)
 # samples evaluated in one call at most (every peer of a chunk on its test split and the
-# holdout): ~1 GB of an MLP-64's activations, so evaluation memory stays flat
-EVAL_ROWS = 2**21
+# holdout): ~70 MB of an MLP-64's activations, so evaluation memory stays flat
+EVAL_ROWS = 2**17
 
 
 class Population(NamedTuple):
@@ -44,6 +44,7 @@ class Population(NamedTuple):
     n_classes: int
     chunk: int  # peers per batched call (a multiple of the device count)
     eval_chunk: int  # peers per evaluation call: bounded by the rows it evaluates
+    test_chunk: int  # ... the same without the holdout (test splits only)
     sharding: NamedSharding | None  # the peer axis across devices, if more than one
     train_step: Callable[[TrainState, Shard], tuple[TrainState, jax.Array]]  # vmapped
     evaluate_step: Callable[..., Any]  # vmapped (params, test, holdout) -> metrics
@@ -68,6 +69,7 @@ def build(spec: LearningSpec, chunk: int, label_flips: frozenset[int] = frozense
     holdout = None if host.holdout is None else Shard(*jax.device_put(host.holdout))
     rows = host.test[0].shape[1] + (0 if host.holdout is None else len(host.holdout[1]))
     eval_chunk, _ = _sharding(max(1, min(chunk, EVAL_ROWS // max(1, rows))))
+    test_chunk, _ = _sharding(max(1, min(chunk, EVAL_ROWS // max(1, host.test[0].shape[1]))))
     return Population(
         Shard(*jax.device_put(host.train)),  # on the device once, sliced per chunk
         Shard(*jax.device_put(host.test)),
@@ -77,6 +79,7 @@ def build(spec: LearningSpec, chunk: int, label_flips: frozenset[int] = frozense
         ds.n_classes,
         chunk,
         eval_chunk,
+        test_chunk,
         sharding,
         jax.jit(jax.vmap(trainer.train)),
         _evaluate_fn(trainer),
@@ -90,8 +93,14 @@ def initial_states(pop: Population, spec: LearningSpec) -> TrainState:
     return _map_chunks(lambda a: init(a[:, 0], a[:, 1], a[:, 2]), pop, args, rows=None)
 
 
-def _take(tree: Tree, rows: np.ndarray) -> Tree:
+@jax.jit
+def _gather(tree: Tree, rows: jax.Array) -> Tree:
     return jax.tree_util.tree_map(lambda a: a[rows], tree)
+
+
+def _take(tree: Tree, rows: np.ndarray) -> Tree:
+    """The rows `rows` of every leaf (one compiled gather for the whole tree)."""
+    return _gather(tree, jnp.asarray(rows))
 
 
 def _map_chunks(
@@ -136,18 +145,19 @@ def _evaluate_fn(trainer: Trainer) -> Callable[..., Any]:
 
 
 def evaluate(
-    pop: Population, params: jax.Array, rows: Rows = None
+    pop: Population, params: jax.Array, rows: Rows = None, holdout: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(test accuracy, holdout accuracy or None) of peers `rows` (None: all), in that
     order: each peer's model from `params` (every peer's, `[n, d]`) on its own test split
-    and on the common holdout."""
+    and (unless `holdout` is False) on the common holdout."""
+    common = pop.holdout if holdout else None
     results = _map_chunks(
-        lambda p, t: pop.evaluate_step(p, t, pop.holdout),
+        lambda p, t: pop.evaluate_step(p, t, common),
         pop,
         params,
         pop.test,
         rows=rows,
-        chunk=pop.eval_chunk,
+        chunk=pop.eval_chunk if holdout else pop.test_chunk,
     )
     results = jax.device_get(results)
     test_acc = np.asarray(results[0][0])
