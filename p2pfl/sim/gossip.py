@@ -171,9 +171,8 @@ def dissensus_rows(
     `core.attacks.dissensus` of the neighbour's model and its own (its own model where
     that is not finite); a target it did not hear gets the plain model (no row here).
 
-    `delivered[i, slot]`: peer i's model reached its neighbour `nb.idx[i, slot]`... read
-    here from the receiver's side: `delivered[j, s]` is whether the model of
-    `nb.idx[j, s]` reached j.
+    `delivered[j, s]` (the receiver's side): the model of `nb.idx[j, s]` reached j; the
+    result maps (receiver, slot) to the crafted model, as `mix` takes it.
     """
     rows: dict[tuple[int, int], jax.Array] = {}
     if not gains:
