@@ -25,6 +25,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'p2pfl' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The module's names, the lazily imported run functions included."""
+    return sorted({*globals(), *_API})
+
+
 __all__ = [
     "Comparison",
     "Result",

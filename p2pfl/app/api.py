@@ -52,7 +52,7 @@ def simulate(
     from p2pfl.app import simulate as sim
 
     s = scenario_of(scenario, mode)
-    return sim.run(s, roles.run_folder(out, s), _console(progress))
+    return sim.run(s, roles.run_folder(out, s), _console(progress), library=True)
 
 
 _PATH_FIELDS = (("data", "path"), ("data", "holdout"), ("topology", "file"))

@@ -27,19 +27,28 @@ from p2pfl.runtime import logs, process
 MAX_PLOTTED = 64  # peers drawn one line each in accuracy.png; more: the mean and a band
 
 
-def run(scenario: Scenario, out: Path, console: Console | None = None) -> Any:
+def run(
+    scenario: Scenario, out: Path, console: Console | None = None, library: bool = False
+) -> Any:
     """Simulate `scenario` into run folder `out` and return the `p2pfl.sim` Result.
 
-    Ctrl-C stops after the round in progress; the summary of what ran is still
-    written (`interrupted: true`), then KeyboardInterrupt propagates.
+    The log goes to `out/logs/sim.jsonl`; as a `library` (the Python API) only when the
+    process has not configured structlog itself. Ctrl-C stops after the round in
+    progress; the summary of what ran is still written (`interrupted: true`), then
+    KeyboardInterrupt propagates.
     """
+    import structlog
+
     process.enable_compile_cache()
     from p2pfl.config.plan import sim_plan
     from p2pfl.sim.engine import RoundDone, simulate
 
     clean_run_folder(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    logs.configure(out / "logs" / "sim.jsonl")
+    if not library:
+        logs.configure(out / "logs" / "sim.jsonl")
+    elif not structlog.is_configured():
+        logs.configure(out / "logs" / "sim.jsonl", level="debug", cache=False)
     plan = sim_plan(scenario, out)
     progress = Progress(
         TextColumn(f"[bold]{scenario.name}[/] ({scenario.mode}, {scenario.peers} peers, sim)"),

@@ -10,8 +10,13 @@ from typing import TextIO
 import structlog
 
 
-def configure(path: Path | None = None, level: str = "info") -> None:
-    """Send this process's structlog events as JSON lines to `path` (stderr if None)."""
+def configure(path: Path | None = None, level: str = "info", cache: bool = True) -> None:
+    """Send this process's structlog events as JSON lines to `path` (stderr if None).
+
+    `cache = False` (a library call inside someone else's process) keeps loggers
+    uncached, so a later reconfiguration, such as `structlog.testing.capture_logs`,
+    still reaches them.
+    """
     stream: TextIO
     if path is None:
         stream = sys.stderr
@@ -28,5 +33,5 @@ def configure(path: Path | None = None, level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
