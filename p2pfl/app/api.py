@@ -43,16 +43,24 @@ def _console(progress: bool) -> Console:
 def simulate(
     scenario: ScenarioLike = None,
     *,
+    model: Any = None,
+    data: Any = None,
     out: str | Path | None = None,
     mode: str | None = None,
     progress: bool = True,
 ) -> Result:
     """Every peer of `scenario` in this process (the simulator engine); its run folder
-    is written as `p2pfl simulate` writes it."""
+    is written as `p2pfl simulate` writes it.
+
+    `model`: a factory `(n_features, n_classes, key)` returning an `(init, apply)` pair,
+    a Flax or an Equinox module; `data`: a loader `() -> (x, y[, x_holdout,
+    y_holdout])` or those arrays. Either overrides the scenario's model / dataset.
+    """
     from p2pfl.app import simulate as sim
 
     s = scenario_of(scenario, mode)
-    return sim.run(s, roles.run_folder(out, s), _console(progress), library=True)
+    folder = roles.run_folder(out, s)
+    return sim.run(s, folder, _console(progress), library=True, model=model, data=data)
 
 
 _PATH_FIELDS = (("data", "path"), ("data", "holdout"), ("topology", "file"))
@@ -83,7 +91,9 @@ def launch(
 ) -> Result:
     """Every peer of `scenario` as its own process on this machine (`p2pfl launch`).
 
-    Raises RuntimeError when the launch itself fails (ports in use, the forkserver).
+    A custom model or dataset reaches the peer processes only by name: the scenario's
+    `model.factory` / `data.loader` ("module:function"). Raises RuntimeError when the
+    launch itself fails (ports in use, the forkserver).
     """
     from p2pfl.app.launch import launch as run_launch
     from p2pfl.app.ports import LaunchError

@@ -28,7 +28,12 @@ MAX_PLOTTED = 64  # peers drawn one line each in accuracy.png; more: the mean an
 
 
 def run(
-    scenario: Scenario, out: Path, console: Console | None = None, library: bool = False
+    scenario: Scenario,
+    out: Path,
+    console: Console | None = None,
+    library: bool = False,
+    model: Any = None,
+    data: Any = None,
 ) -> Any:
     """Simulate `scenario` into run folder `out` and return the `p2pfl.sim` Result.
 
@@ -49,7 +54,7 @@ def run(
         logs.configure(out / "logs" / "sim.jsonl")
     elif not structlog.is_configured():
         logs.configure(out / "logs" / "sim.jsonl", level="debug", cache=False)
-    plan = sim_plan(scenario, out)
+    plan = sim_plan(scenario, out, model=model, data=data)
     progress = Progress(
         TextColumn(f"[bold]{scenario.name}[/] ({scenario.mode}, {scenario.peers} peers, sim)"),
         BarColumn(),

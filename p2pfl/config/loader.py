@@ -3,7 +3,8 @@
 `load` (a file) and `parse` (a mapping) validate field by field with the pydantic
 schema (`p2pfl.config.schema`), then across fields: the graph is connected, edge ids
 are in range, npz files exist and agree, every peer gets at least two samples, the
-timeouts leave room for heartbeats, the coordinator has an address. Each failure is a
+timeouts leave room for heartbeats, the coordinator has an address, a custom model's
+factory and a custom dataset's loader import, run and give the right shapes. Each failure is a
 `ScenarioError` naming the field, the value and what is allowed; the CLI turns it
 into exit code 2.
 """
@@ -112,6 +113,31 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
             f"model.kind = 'cnn' needs image data: data.dataset = {s.data.dataset!r} "
             "(allowed: 'digits', 'mnist5k')"
         )
+    _check_custom(s, peer)
+
+
+def _check_custom(s: Scenario, peer: int | None) -> None:
+    """A custom model or dataset names its factory or loader, and only a custom one does;
+    the factory and loader are then imported, called and shape-checked (the loader once)."""
+    pairs = (
+        ("model", "kind", s.model.kind, "factory", s.model.factory),
+        ("data", "dataset", s.data.dataset, "loader", s.data.loader),
+    )
+    for section, kind_field, kind, ref_field, ref in pairs:
+        if kind == "custom" and ref is None:
+            raise ScenarioError(
+                f"{section}.{ref_field} is missing: {section}.{kind_field} = 'custom' needs "
+                f"{ref_field} = 'package.module:function'"
+            )
+        if kind != "custom" and ref is not None:
+            raise ScenarioError(
+                f"{section}.{ref_field} = {ref!r}: only allowed with {section}.{kind_field} = "
+                f"'custom' (here {kind!r})"
+            )
+    if s.model.kind == "custom" or s.data.dataset == "custom":
+        from p2pfl.config.learning import check_custom, learning_spec
+
+        check_custom(learning_spec(s), 0 if peer is None else peer)
 
 
 def _check_npz(s: Scenario, ids: range | list[int]) -> None:

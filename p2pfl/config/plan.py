@@ -16,7 +16,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from p2pfl.config.learning import learning_spec
+from p2pfl.config.learning import DataLike, ModelLike, learning_spec
 from p2pfl.config.loader import graph
 from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.core import streams
@@ -340,12 +340,15 @@ def _sim_wall_time_faults(s: Scenario) -> None:
         )
 
 
-def sim_plan(s: Scenario, out: Path) -> SimPlan:
+def sim_plan(
+    s: Scenario, out: Path, model: ModelLike | None = None, data: DataLike | None = None
+) -> SimPlan:
     """The whole run of `s` for the simulator.
 
     Raises ScenarioError for wall-time faults it cannot map (`_sim_wall_time_faults`).
     A crash with `rejoin_after_s` rejoins `ceil(rejoin_after_s / sim.round_s)` rounds
-    (at least one) after the round it crashed in.
+    (at least one) after the round it crashed in. `model` / `data` (Python objects:
+    a factory, a loader or arrays) override the file's, as `learning_spec` takes them.
     """
     _sim_wall_time_faults(s)
     g = graph(s)
@@ -375,7 +378,7 @@ def sim_plan(s: Scenario, out: Path) -> SimPlan:
         label_flips=frozenset(i for i, f in byzantine.items() if f.attack == "label_flip"),
         crashes=crashes,
         link_drop=s.faults.link_drop,
-        learning=learning_spec(s),
+        learning=learning_spec(s, model=model, data=data),
         chunk=s.sim.chunk,
         eval_every=s.sim.eval_every,
     )

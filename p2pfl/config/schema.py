@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,6 +38,17 @@ class ScenarioError(ValueError):
     """A scenario file that cannot be run; the message names the field and value."""
 
 
+# "package.module:function": dotted Python identifiers, a colon, a (dotted) attribute
+_REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def _reference(value: str | None) -> str | None:
+    """A `package.module:function` reference, checked for its form only (not imported)."""
+    if value is not None and not _REFERENCE.match(value):
+        raise ValueError("expected 'package.module:function'")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -58,7 +70,7 @@ class Topology(_Section):
 class Data(_Section):
     """Dataset, how it is split among peers, and the common holdout set."""
 
-    dataset: Literal["digits", "breast_cancer", "mnist5k", "synthetic", "npz"] = "digits"
+    dataset: Literal["digits", "breast_cancer", "mnist5k", "synthetic", "npz", "custom"] = "digits"
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: float = Field(0.5, gt=0.0, le=1e4)
     shards_per_peer: int = Field(2, ge=1)
@@ -69,7 +81,13 @@ class Data(_Section):
     synthetic_classes: int = Field(4, ge=2)
     path: str = "data/peer-{id}.npz"
     holdout: str | None = None
-    classes: int | None = Field(None, ge=2)  # npz: the label count every peer's model has
+    # npz (required) and custom (default: the largest label + 1): the label count
+    classes: int | None = Field(None, ge=2)
+    # custom: "package.module:function" returning (x, y) or (x, y, x_holdout, y_holdout),
+    # imported with the scenario's folder on sys.path (see p2pfl.learning.custom)
+    loader: str | None = None
+
+    _loader = field_validator("loader")(_reference)
 
     @field_validator("path")
     @classmethod
@@ -86,9 +104,14 @@ class Data(_Section):
 class Model(_Section):
     """The network every peer trains; `init = shared` starts all peers identical."""
 
-    kind: Literal["logreg", "mlp", "cnn"] = "mlp"
+    kind: Literal["logreg", "mlp", "cnn", "custom"] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [64])
     init: Literal["shared", "per_peer"] = "shared"
+    # custom: "package.module:function" called as factory(n_features, n_classes, key),
+    # imported with the scenario's folder on sys.path (see p2pfl.learning.custom)
+    factory: str | None = None
+
+    _factory = field_validator("factory")(_reference)
 
     @field_validator("hidden")
     @classmethod

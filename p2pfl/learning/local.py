@@ -11,6 +11,10 @@ initialisation for the scenario's shapes, and stores every peer's initial state;
 `build` then serves a peer from them without tracing the model
 (`p2pfl.learning.exported`), and falls back to the traced trainer when they are
 missing.
+
+A custom model (`ModelSpec.factory`) or dataset (`DataSpec.loader`) comes from the
+user's code through `p2pfl.learning.custom`; a custom model whose factory has no stable
+identity (see `custom.identity`) is never exported, only traced.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import jax
 import numpy as np
 
 from p2pfl.core import streams
-from p2pfl.learning import datasets, exported, partition
+from p2pfl.learning import custom, datasets, exported, partition
 from p2pfl.learning.models import make_model
 from p2pfl.learning.partition import Partition
 from p2pfl.learning.trainer import (
@@ -43,7 +47,8 @@ from p2pfl.learning.trainer import (
     with_params,
 )
 
-DatasetName = Literal["digits", "breast_cancer", "mnist5k", "synthetic", "npz"]
+DatasetName = Literal["digits", "breast_cancer", "mnist5k", "synthetic", "npz", "custom"]
+ModelKind = Literal["logreg", "mlp", "cnn", "custom"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,11 @@ class DataSpec:
     # file (absolute) and the label count every peer's model has
     path: str = ""
     holdout: Path | None = None
-    classes: int | None = None
+    classes: int | None = None  # npz, and custom (where None: the largest label + 1)
+    # custom: a loader () -> (x, y) or (x, y, x_holdout, y_holdout), or its
+    # "package.module:function", imported with `import_dir` on sys.path
+    loader: custom.Ref | None = None
+    import_dir: str | None = None
 
     def peer_path(self, peer_id: int) -> Path:
         """Peer `peer_id`'s own npz file."""
@@ -76,9 +85,13 @@ class DataSpec:
 class ModelSpec:
     """The model every peer builds, and whether peers share its initial parameters."""
 
-    kind: Literal["logreg", "mlp", "cnn"] = "mlp"
+    kind: ModelKind = "mlp"
     hidden: tuple[int, ...] = (64,)
     init: Literal["shared", "per_peer"] = "shared"
+    # custom: a factory (n_features, n_classes, key) -> model, or its
+    # "package.module:function", imported with `import_dir` on sys.path
+    factory: custom.Ref | None = None
+    import_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,10 @@ def _bundled(name: str) -> datasets.Dataset:
 
 def load_dataset(d: DataSpec, peer_id: int) -> datasets.Dataset:
     """The whole dataset the spec names (for npz: this peer's own file)."""
+    if d.dataset == "custom":
+        if d.loader is None:
+            raise ValueError("data.dataset = 'custom' needs a loader")
+        return custom.load_data(d.loader, d.import_dir, d.classes)
     if d.dataset in _BUNDLED:
         return _bundled(d.dataset)
     if d.dataset == "synthetic":
@@ -165,9 +182,18 @@ def load_dataset(d: DataSpec, peer_id: int) -> datasets.Dataset:
 
 
 def _split(d: DataSpec, ds: datasets.Dataset) -> partition.Split:
-    return partition.split(
-        ds.y, d.peers, d.partition, d.seed, d.test_fraction, d.alpha, d.shards_per_peer
+    """The holdout and the peers' shards; a holdout given with the data (its last
+    `holdout_rows` rows) is kept as it is, and the rows before it are partitioned whole."""
+    if not ds.holdout_rows:
+        return partition.split(
+            ds.y, d.peers, d.partition, d.seed, d.test_fraction, d.alpha, d.shards_per_peer
+        )
+    n_pool = len(ds.y) - ds.holdout_rows
+    # no random holdout: the pool's indices are 0..n_pool-1, its rows in the dataset
+    pool = partition.split(
+        ds.y[:n_pool], d.peers, d.partition, d.seed, 0.0, d.alpha, d.shards_per_peer
     )
+    return partition.Split(np.arange(n_pool, len(ds.y)), pool.shards)
 
 
 def _bucket(n: int) -> int:
@@ -310,17 +336,36 @@ def compile_steps(loc: Local) -> None:
 def make_peer_trainer(spec: LearningSpec, ds: datasets.Dataset) -> Trainer:
     """The trainer of the spec's model and optimizer for data shaped like `ds`."""
     m, t = spec.model, spec.train
-    model = make_model(m.kind, ds.x.shape[1], ds.n_classes, m.hidden, ds.image_shape)
+    if m.kind == "custom":
+        if m.factory is None:
+            raise ValueError("model.kind = 'custom' needs a factory")
+        model = custom.make_model(
+            m.factory, ds.x.shape[1], ds.n_classes, spec.data.seed, m.import_dir
+        )
+    else:
+        model = make_model(m.kind, ds.x.shape[1], ds.n_classes, m.hidden, ds.image_shape)
     return make_trainer(
         model, make_optimizer(t.optimizer, t.learning_rate), t.batch_size, t.local_epochs
     )
 
 
-def _program_settings(spec: LearningSpec, ds: datasets.Dataset) -> dict[str, Any]:
-    """What shapes the trainer's programs (besides their arguments): the key's settings."""
+def _program_settings(spec: LearningSpec, ds: datasets.Dataset) -> dict[str, Any] | None:
+    """What shapes the trainer's programs (besides their arguments): the key's settings.
+
+    None for a custom model without a stable identity: it is never exported.
+    """
     m = spec.model
+    model: dict[str, Any] = {"kind": m.kind, "hidden": list(m.hidden)}  # `init` picks a stream
+    if m.kind == "custom":
+        if m.factory is None:
+            return None
+        identity = custom.identity(m.factory, m.import_dir)
+        if identity is None:
+            return None
+        # the factory gets a key from the seed: what it builds may depend on it
+        model = {"kind": m.kind, "factory": identity, "seed": spec.data.seed}
     return {
-        "model": {"kind": m.kind, "hidden": list(m.hidden)},  # `init` only picks a stream
+        "model": model,
         "train": dataclasses.asdict(spec.train),
         "features": int(ds.x.shape[1]),
         "classes": ds.n_classes,
@@ -348,6 +393,8 @@ def _served_trainer(
     traced = functools.cache(lambda: make_peer_trainer(spec, ds))
     folder = exported.store()
     settings = _program_settings(spec, ds)
+    if settings is None:
+        return traced()
 
     def fallback(name: str) -> Callable[[], Callable[..., Any]]:
         return lambda: getattr(traced(), name)
@@ -410,9 +457,9 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
     """
     folder = exported.store()
     data, ds = peer_data(spec.data, peer_id)
-    if folder is not None:
+    settings = _program_settings(spec, ds)
+    if folder is not None and settings is not None:
         traced = make_peer_trainer(spec, ds)
-        settings = _program_settings(spec, ds)
         args = init_args(spec, peer_id)
         like = jax.eval_shape(traced.init, *args)
         programs: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = [
@@ -431,9 +478,8 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
     compile_steps(loc)
     if server:
         compile_server_steps(build_server(spec))
-    if folder is not None and isinstance(trainer.init, exported.Program):
+    if settings is not None and folder is not None and isinstance(trainer.init, exported.Program):
         # every peer's initial state, so that no peer loads the init program at all
-        settings = _program_settings(spec, ds)
         for i in range(spec.data.peers):
             args = init_args(spec, i)
             k = exported.key(settings, f"init results {args}", args)
@@ -445,8 +491,9 @@ def _initial_state(
     spec: LearningSpec, ds: datasets.Dataset, trainer: Trainer, args: tuple[int, int, int]
 ) -> TrainState:
     """`trainer.init(*args)`, read from the store when `export_steps` left it there."""
-    if isinstance(trainer.init, exported.Program):
-        k = exported.key(_program_settings(spec, ds), f"init results {args}", args)
+    settings = _program_settings(spec, ds)
+    if settings is not None and isinstance(trainer.init, exported.Program):
+        k = exported.key(settings, f"init results {args}", args)
         leaves = exported.load_results(exported.store(), k)
         state = None if leaves is None else trainer.init.results(leaves)
         if state is not None:

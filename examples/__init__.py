@@ -1,0 +1,1 @@
+"""Examples of bring-your-own models and data (importable as `examples.<module>`)."""
