@@ -81,9 +81,16 @@ def _mix_mean(
     finite = jnp.isfinite(sent).all(axis=1)
     weights = jnp.where(delivered & finite[idx], base, 0.0)
     mixed = jax.vmap(gossip_step)(own, sent[idx], weights)
-    ok = jnp.isfinite(mixed.params).all(axis=1)
-    params = jnp.where((ok & alive)[:, None], mixed.params, own)
-    return params, mixed.disagreement, ~ok
+    params, not_finite = _settle(own, mixed.params, alive)
+    return params, mixed.disagreement, not_finite
+
+
+@jax.jit
+def _settle(own: jax.Array, mixed: jax.Array, alive: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The round's models: the mix, or the peer's own where the mix is not finite (as
+    the networked peer does) or the peer is down; and where it was not finite."""
+    finite = jnp.isfinite(mixed).all(axis=1)
+    return jnp.where((finite & alive)[:, None], mixed, own), ~finite
 
 
 # the same step on a stack already gathered (a dissensus attacker's rows put in)
@@ -125,17 +132,18 @@ def mix(
         stack = stack.at[i, slot].set(model)
     if rule is gossip_step:
         params, spread = _mix_stack(own, stack, weights)
-        mixed = _keep_finite(own, params, np.asarray(spread), np.zeros(len(own), bool))
+        failed = np.zeros(len(own), bool)
     else:
-        mixed = _mix_each(own, stack, weights, nb, rule)
-    keep = jnp.asarray(alive)[:, None]
-    return mixed._replace(params=jnp.where(keep, mixed.params, own))
+        params, spread, failed = _mix_each(own, stack, weights, nb, rule)
+    settled, not_finite = _settle(own, params, jnp.asarray(alive))
+    return Mixed(settled, np.asarray(spread), failed | np.asarray(not_finite))
 
 
 def _mix_each(
     own: jax.Array, stack: jax.Array, weights: jax.Array, nb: Neighbourhoods, rule: GossipAggregator
-) -> Mixed:
-    """A robust rule, peer by peer, on each peer's `[degree, d]` stack (numpy rules)."""
+) -> tuple[jax.Array, np.ndarray, np.ndarray]:
+    """A robust rule, peer by peer, on each peer's `[degree, d]` stack (numpy rules):
+    the mixed models, the disagreements, and where the rule failed (own model kept)."""
     own_h, stack_h, w_h = (np.asarray(a) for a in (own, stack, weights))
     out = np.empty_like(own_h)
     spread = np.empty(len(own_h), np.float32)
@@ -148,16 +156,7 @@ def _mix_each(
         except ValueError:  # e.g. clipping would overflow float32: the peer keeps its own
             out[i], failed[i] = own_h[i], True
             spread[i] = float(disagreement(own_h[i], stack_h[i, :k], w_h[i, :k]))
-    return _keep_finite(own, jnp.asarray(out), spread, failed)
-
-
-def _keep_finite(
-    own: jax.Array, params: jax.Array, spread: np.ndarray, failed: np.ndarray
-) -> Mixed:
-    """A peer whose mixed model is not finite keeps its own, as the networked peer does."""
-    finite = np.asarray(jnp.isfinite(params).all(axis=1))
-    params = jnp.where(jnp.asarray(finite)[:, None], params, own)
-    return Mixed(params, spread, failed | ~finite)
+    return jnp.asarray(out), spread, failed
 
 
 def dissensus_rows(

@@ -39,7 +39,6 @@ class Histories:
         self.columnar = peers > COLUMNAR_ABOVE
         self.columns = {k: np.full((rounds + 1, peers), np.nan) for k in COLUMNS}
         self.last: dict[int, dict[str, Any]] = {}  # each peer's latest line
-        self.rounds_of: dict[int, list[int]] = {i: [] for i in range(peers)}
         self._writers: dict[int, HistoryWriter] = {}
         if not self.columnar:
             self._writers = {i: HistoryWriter(out / f"peer-{i}.jsonl") for i in range(peers)}
@@ -51,7 +50,6 @@ class Histories:
             if line[k] is not None:
                 self.columns[k][record.round, peer] = line[k]
         self.last[peer] = line
-        self.rounds_of[peer].append(record.round)
         if not self.columnar:
             self._writers[peer].write(record)
 
