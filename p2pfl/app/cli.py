@@ -140,7 +140,14 @@ def cmd_peer(args: argparse.Namespace) -> int:
     """Run one peer (one per host in a real deployment)."""
     return roles.peer(
         roles.PeerArgs(
-            args.scenario, args.id, args.mode, args.out, args.address, args.resume, args.log_level
+            args.scenario,
+            args.id,
+            args.mode,
+            args.out,
+            args.address,
+            args.resume,
+            args.log_level,
+            args.insecure,
         )
     )
 
@@ -148,8 +155,38 @@ def cmd_peer(args: argparse.Namespace) -> int:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     """Run the coordinator: bootstrap registry (gossip) or FedAvg server (centralized)."""
     return roles.coordinator(
-        roles.CoordinatorArgs(args.scenario, args.mode, args.out, args.log_level)
+        roles.CoordinatorArgs(args.scenario, args.mode, args.out, args.log_level, args.insecure)
     )
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Write one CurveZMQ keypair per peer and one for the coordinator."""
+    from p2pfl.net.keys import create
+
+    s = roles.scenario(args.scenario)
+    if args.out is not None:
+        folder = Path(args.out)
+    elif s.security.keys not in (None, "auto"):
+        folder = s.resolve(s.security.keys)
+    else:
+        raise ScenarioError(
+            "p2pfl keys needs --out DIR (or a scenario whose [security] keys names a folder)"
+        )
+    try:
+        written = create(folder, s.peers, force=args.force)
+    except FileExistsError as exc:
+        print(f"p2pfl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"p2pfl: cannot write keys to {folder}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"wrote {len(written) // 2} keypairs ({s.peers} peers and the coordinator) to {folder}\n"
+        f"  public keys:  {folder / 'public'}/  copy to every host\n"
+        f"  secret keys:  {folder / 'private'}/  copy each host only its own file (mode 0600)\n"
+        f'then set [security] keys = "{folder}" in the scenario (relative to the scenario file)'
+    )
+    return EXIT_OK
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
@@ -209,6 +246,14 @@ def _parser() -> argparse.ArgumentParser:
             help="run the scenario in this mode instead of the file's",
         )
 
+    def insecure_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--insecure",
+            action="store_true",
+            help="allow a non-loopback address without [security] keys (models in clear, "
+            "senders unauthenticated)",
+        )
+
     def log_arg(q: argparse.ArgumentParser) -> None:
         q.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -246,6 +291,7 @@ def _parser() -> argparse.ArgumentParser:
     scenario_arg(q)
     mode_arg(q)
     q.add_argument("--id", type=int, required=True, help="this peer's id, 0..peers-1")
+    insecure_arg(q)
     q.add_argument(
         "--address",
         help="bind and advertise this tcp://HOST:PORT (gossip with coordinator.bootstrap)",
@@ -266,8 +312,15 @@ def _parser() -> argparse.ArgumentParser:
     scenario_arg(q)
     mode_arg(q)
     q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    insecure_arg(q)
     log_arg(q)
     q.set_defaults(func=cmd_coordinator)
+
+    q = sub.add_parser("keys", help="write CurveZMQ keys for a scenario's peers and coordinator")
+    scenario_arg(q)
+    q.add_argument("--out", help="keys folder (default: the scenario's [security] keys)")
+    q.add_argument("--force", action="store_true", help="replace keys already in the folder")
+    q.set_defaults(func=cmd_keys)
 
     q = sub.add_parser("topology", help="print a scenario's graph and its spectral figures")
     scenario_arg(q)

@@ -36,7 +36,9 @@ from rich.table import Table
 from p2pfl.app import precompile
 from p2pfl.app.ports import LaunchError, unusable_addresses
 from p2pfl.config.loader import MAX_LAUNCH_PEERS
+from p2pfl.config.plan import check_keys
 from p2pfl.config.schema import Scenario
+from p2pfl.net.keys import create as create_keys
 from p2pfl.record import history
 from p2pfl.runtime import process, roles
 
@@ -126,8 +128,18 @@ def clean_run_folder(out: Path) -> None:
     for pattern in (*patterns, "history.npz"):
         for p in out.glob(pattern):
             p.unlink()
-    for sub in ("models", "logs", "checkpoints"):
+    for sub in ("models", "logs", "checkpoints", "keys"):
         shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def prepare_keys(s: Scenario, out: Path) -> None:
+    """`[security] keys = "auto"`: fresh keys in the run folder's `keys/`. Then every
+    node's keyring is loaded once, so a missing or bad key file stops the launch before
+    any process starts (a ScenarioError naming the file)."""
+    if s.security.keys == "auto":
+        create_keys(out / "keys", s.peers, force=True)
+    if s.security.keys is not None:
+        check_keys(s, out)
 
 
 def peer_args(
@@ -371,6 +383,7 @@ def launch(
             + "\n  ".join(problems)
         )
     clean_run_folder(out)
+    prepare_keys(scenario, out)
     launcher = Launcher(scenario, scenario_path, out, console)
     t0, started_at = time.perf_counter(), time.time()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

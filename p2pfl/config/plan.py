@@ -10,7 +10,7 @@ its learning set-up. The runtime composes a node from a plan and nothing else.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from p2pfl.core.attacks import dissensus_gains
 from p2pfl.core.graphs import Mixing
 from p2pfl.core.transforms import OUTGOING_ATTACKS, ModelTransform, attack_transform, identity
 from p2pfl.learning.local import LearningSpec
+from p2pfl.net.keys import KeyFileError, Keyring, keyring
 from p2pfl.protocol.fedavg_client import ClientConfig
 from p2pfl.protocol.fedavg_server import ServerConfig
 from p2pfl.protocol.sync import SyncConfig
@@ -47,6 +48,7 @@ class Run:
     seed: int
     out: Path  # the run folder
     every_round: bool  # [output] models = "every_round": models/round-<r>/ as well
+    keys: Path | None = None  # [security] keys, resolved: the CURVE keys folder, or None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class GossipPlan:
     faults: PeerFaults
     learning: LearningSpec
     resume: bool = False
+    keys: Keyring | None = None  # CURVE: its pair, its neighbours' (and coordinator's) keys
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class ClientPlan:
     faults: PeerFaults
     learning: LearningSpec
     resume: bool = False
+    keys: Keyring | None = None  # CURVE: its pair and the coordinator's key
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class ServerPlan:
     server: ServerConfig
     aggregator: ServerAggregator
     learning: LearningSpec
+    keys: Keyring | None = None  # CURVE: the coordinator's pair and every peer's key
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class BootstrapPlan:
     control: str
     neighbours: Mapping[int, tuple[int, ...]]  # each peer's neighbours, sorted
     idle_limit_s: float  # give up this long after the last change (a crashed peer says no bye)
+    keys: Keyring | None = None  # as the server's
 
 
 def _run(s: Scenario, out: Path) -> Run:
@@ -128,7 +134,29 @@ def _run(s: Scenario, out: Path) -> Run:
         s.seed,
         out,
         s.output.models == "every_round",
+        keys_dir(s, out),
     )
+
+
+def keys_dir(s: Scenario, out: Path) -> Path | None:
+    """The CURVE keys folder of a run (`[security] keys`; "auto": the run folder's
+    `keys/`), or None when the run is in clear."""
+    keys = s.security.keys
+    if keys is None:
+        return None
+    return out / "keys" if keys == "auto" else s.resolve(keys)
+
+
+def node_keys(s: Scenario, out: Path, me: int, known: Iterable[int]) -> Keyring | None:
+    """Node `me`'s keyring (peers 0..n-1, the coordinator n), knowing the nodes in
+    `known`; None in clear. A bad key file is a ScenarioError naming the file."""
+    folder = keys_dir(s, out)
+    if folder is None:
+        return None
+    try:
+        return keyring(folder, me, s.peers, known)
+    except KeyFileError as exc:
+        raise ScenarioError(f"security.keys = {s.security.keys!r}: {exc}") from None
 
 
 def _faults(s: Scenario, peer_id: int) -> PeerFaults:
@@ -180,6 +208,17 @@ def _server_rule(s: Scenario) -> ServerAggregator:
     return server_aggregator(c.aggregator, trim=c.trim, f=c.krum_f)
 
 
+def check_keys(s: Scenario, out: Path) -> None:
+    """Load every node's keyring once, as its own process will (a local launch holds all
+    the secret files): a bad key file is refused before anything starts."""
+    g = graph(s)
+    boot = [s.peers] if s.needs_coordinator else []
+    for i in range(s.peers):
+        node_keys(s, out, i, [*g.neighbors(i), *boot])
+    if s.needs_coordinator:
+        node_keys(s, out, s.peers, range(s.peers))
+
+
 def gossip_plan(
     s: Scenario, peer_id: int, out: Path, address: str | None = None, resume: bool = False
 ) -> GossipPlan:
@@ -187,6 +226,7 @@ def gossip_plan(
     g = graph(s)
     neighbours = tuple(sorted(g.neighbors(peer_id)))
     gs = s.gossip
+    gs_boot = s.coordinator.bootstrap  # then it also talks to the coordinator (node n)
     gains = _gains(s, g, peer_id)
     sync = SyncConfig(
         peer_id=peer_id,
@@ -216,6 +256,7 @@ def gossip_plan(
         faults=_faults(s, peer_id),
         learning=learning_spec(s),
         resume=resume,
+        keys=node_keys(s, out, peer_id, [*neighbours, *([s.peers] if gs_boot else [])]),
     )
 
 
@@ -241,6 +282,7 @@ def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> C
         faults=_faults(s, peer_id),
         learning=learning_spec(s),
         resume=resume,
+        keys=node_keys(s, out, peer_id, [s.peers]),
     )
 
 
@@ -269,6 +311,7 @@ def server_plan(s: Scenario, out: Path) -> ServerPlan:
         server=server,
         aggregator=_server_rule(s),
         learning=learning_spec(s),
+        keys=node_keys(s, out, s.peers, range(s.peers)),
     )
 
 
@@ -281,6 +324,7 @@ def bootstrap_plan(s: Scenario, out: Path) -> BootstrapPlan:
         control=s.coordinator_addresses()[0],
         neighbours={i: tuple(sorted(g.neighbors(i))) for i in range(s.peers)},
         idle_limit_s=gs.startup_timeout_s + s.training.rounds * gs.round_timeout_s,
+        keys=node_keys(s, out, s.peers, range(s.peers)),
     )
 
 

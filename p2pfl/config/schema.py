@@ -244,6 +244,19 @@ class Sim(_Section):
     eval_every: int = Field(1, ge=1)
 
 
+class Security(_Section):
+    """CurveZMQ on every socket: encrypted, and each message bound to its sender's key.
+
+    `keys` is a folder made by `p2pfl keys` (relative to the scenario file; a host
+    needs its `public/` and its own secret file), or "auto": `p2pfl launch` / `compare`
+    make fresh keys in the run folder's `keys/` for a local run. Unset: in clear,
+    which `p2pfl peer` / `coordinator` refuse on a non-loopback address unless
+    `--insecure`.
+    """
+
+    keys: str | None = Field(None, min_length=1)
+
+
 class Network(_Section):
     """Where peers listen: `host` and `base_port + id`, or one address per peer."""
 
@@ -278,6 +291,7 @@ class Scenario(_Section):
     faults: Faults = Field(default_factory=Faults)
     output: Output = Field(default_factory=Output)
     sim: Sim = Field(default_factory=Sim)
+    security: Security = Field(default_factory=Security)
     base_dir: str = Field(".", exclude=True)
 
     @property
@@ -331,8 +345,12 @@ class Scenario(_Section):
         return p if p.is_absolute() else Path(self.base_dir) / p
 
     def digest(self) -> str:
-        """A short hash of the settings; peers drop messages from other scenarios."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of the settings; peers drop messages from other scenarios.
+
+        `[security]` is left out: where a host keeps its keys is not the experiment
+        (and a run with keys cannot talk to one without them anyway).
+        """
+        text = json.dumps(self.model_dump(mode="json", exclude={"security"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

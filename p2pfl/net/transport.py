@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import zmq
 
+from p2pfl.net.keys import Keyring
 from p2pfl.net.sockets import (
     CONTROL_LINGER_MS,
     Envelope,
@@ -46,15 +47,21 @@ def _poll_ms(timeout_s: float) -> int:
 class Transport:
     """A peer's gossip sockets: `send` to a neighbour id, `recv` from anyone, `close`."""
 
-    def __init__(self, bind: str, neighbours: Mapping[int, str], max_frames: int) -> None:
-        self._sockets = Sockets()
+    def __init__(
+        self,
+        bind: str,
+        neighbours: Mapping[int, str],
+        max_frames: int,
+        keys: Keyring | None = None,
+    ) -> None:
+        self._sockets = Sockets(keys, "gossip")
         self._max_frames = max_frames
         # An honest neighbour has at most a few rounds of models in flight; beyond that
         # ZeroMQ applies back-pressure to the sender instead of queueing more.
         self.inbox = self._sockets.bind(zmq.PULL, bind)
         self.outboxes: dict[int, zmq.Socket] = {}
         for peer_id, addr in neighbours.items():
-            self.outboxes[peer_id] = self._sockets.connect(zmq.PUSH, addr)
+            self.outboxes[peer_id] = self._sockets.connect(zmq.PUSH, addr, node=peer_id)
         self._poller = zmq.Poller()
         self._poller.register(self.inbox, zmq.POLLIN)
         self._lock = threading.Lock()  # one sender at a time: round loop, ticker, delay line
@@ -82,7 +89,7 @@ class Transport:
     def connect(self, peer_id: int, addr: str) -> None:
         """Add an outbox to a neighbour learnt after start-up (from the bootstrap)."""
         with self._lock:
-            self.outboxes[peer_id] = self._sockets.connect(zmq.PUSH, addr)
+            self.outboxes[peer_id] = self._sockets.connect(zmq.PUSH, addr, node=peer_id)
 
     def close(self, linger_ms: int | None = None) -> None:
         """Flush (bounded by `linger_ms`, default the sockets' LINGER_MS) and close."""
@@ -93,11 +100,23 @@ class Transport:
 
 
 class Link:
-    """A peer's connection to the coordinator: control DEALER, and PUSH for updates."""
+    """A peer's connection to the coordinator: control DEALER, and PUSH for updates.
 
-    def __init__(self, control: str, updates: str | None, max_frames: int) -> None:
-        self._sockets = Sockets()
+    `coordinator` is the coordinator's node id: with `keys`, the key it must hold and
+    the sender every message on this link is vouched for as.
+    """
+
+    def __init__(
+        self,
+        control: str,
+        updates: str | None,
+        max_frames: int,
+        keys: Keyring | None = None,
+        coordinator: int | None = None,
+    ) -> None:
+        self._sockets = Sockets(keys, "control")
         self._max_frames = max_frames
+        self._coordinator = coordinator
         # One routing id for this process's life: after a TCP reconnect the coordinator
         # still knows the peer by it; a restarted peer gets a new one (and says hello).
         self.control = self._sockets.connect(
@@ -106,10 +125,11 @@ class Link:
             receives=True,
             linger_ms=CONTROL_LINGER_MS,
             routing_id=b"p2pfl-" + secrets.token_hex(8).encode(),
+            node=coordinator,
         )
         self.updates: zmq.Socket | None = None
         if updates is not None:
-            self.updates = self._sockets.connect(zmq.PUSH, updates)
+            self.updates = self._sockets.connect(zmq.PUSH, updates, node=coordinator)
 
     def send(self, frames: Sequence[Buffer]) -> bool:
         """Queue a control message for the coordinator; False if dropped."""
@@ -125,7 +145,8 @@ class Link:
         """The next control message from the coordinator, or None after `timeout_s`."""
         if not self.control.poll(_poll_ms(timeout_s)):
             return None
-        return self._sockets.envelope(read_capped(self.control, self._max_frames + 1), "control")
+        frames = read_capped(self.control, self._max_frames + 1)
+        return self._sockets.envelope(frames, "control", node=self._coordinator)
 
     def close(self) -> None:
         """Flush (bounded by the lingers) and close."""
@@ -142,8 +163,10 @@ class Hub:
     (counted as dropped) instead of vanishing silently.
     """
 
-    def __init__(self, control: str, updates: str | None, max_frames: int) -> None:
-        self._sockets = Sockets()
+    def __init__(
+        self, control: str, updates: str | None, max_frames: int, keys: Keyring | None = None
+    ) -> None:
+        self._sockets = Sockets(keys, "control")
         self._max_frames = max_frames
         self.control = self._sockets.bind(
             zmq.ROUTER, control, sends=True, linger_ms=CONTROL_LINGER_MS

@@ -70,7 +70,7 @@ def run_bootstrap(plan: BootstrapPlan) -> None:
     registry = Registry(plan.neighbours, bound)
     machine = _Idle(registry, plan.idle_limit_s, time.monotonic())
     expect = wire.Expect(plan.run.digest, plan.run.peers - 1, {})
-    hub = Hub(plan.control, None, expect.max_frames)
+    hub = Hub(plan.control, None, expect.max_frames, plan.keys)
     try:
         bound.info("coordinator_started", control=plan.control, peers=plan.run.peers)
         port = HubPort(hub, expect, plan.run.peers, registry.route, registry.undelivered, bound)

@@ -69,7 +69,7 @@ class FedClient:
         self.learner = Learner(plan, self.log)
         n_params = self.learner.n_params
         expect = wire.Expect(plan.run.digest, plan.run.peers, {"params": (n_params,)})
-        self.link = Link(plan.control, plan.updates, expect.max_frames)
+        self.link = Link(plan.control, plan.updates, expect.max_frames, plan.keys, plan.run.peers)
         self.history = PeerHistory(self.out_dir / f"peer-{self.id}.jsonl", append=plan.resume)
         self.port = LinkPort(self.link, expect, self.id, self.log, self.history)
         config = dataclasses.replace(plan.client, samples=self.learner.local.data.n_train)

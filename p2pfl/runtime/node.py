@@ -141,15 +141,33 @@ def drive(
 
 
 def decode(
-    frames: Sequence[wire.Buffer], expect: wire.Expect, origin: bytes | None = None
+    frames: Sequence[wire.Buffer],
+    expect: wire.Expect,
+    origin: bytes | None = None,
+    authenticated: int | None = None,
 ) -> Event:
-    """Received frames as the event a machine is fed: checked, or why not."""
+    """Received frames as the event a machine is fed: checked, or why not.
+
+    With `authenticated` (the node id the transport's CURVE key vouches for) the
+    header's sender must be that node: this is the one place a claimed sender is
+    bound to a key. A mismatch is `Malformed` with no claimed sender or round, so no
+    machine gives the claim any weight.
+    """
     size = wire.frames_size(frames)
     try:
         msg = wire.decode(frames, expect)
     except wire.WireError as exc:
+        if authenticated is not None and exc.sender is not None and exc.sender != authenticated:
+            return Malformed(_mismatch(exc.sender, authenticated), None, None, size, origin)
         return Malformed(str(exc), exc.sender, exc.round, size, origin)
-    return Received(msg, size, origin=origin)
+    if authenticated is not None and msg.sender != authenticated:
+        return Malformed(_mismatch(msg.sender, authenticated), None, None, size, origin)
+    return Received(msg, size, authenticated, origin)
+
+
+def _mismatch(claimed: int, key: int) -> str:
+    who = "no allowed key" if key < 0 else f"the key of node {key}"
+    return f"sender mismatch: the header claims {claimed}, the message came with {who}"
 
 
 def encode(send: Send, sender: int, scenario: str) -> list[wire.Buffer]:

@@ -38,7 +38,7 @@ from p2pfl.net.transport import Link, Transport
 from p2pfl.protocol import wire
 from p2pfl.protocol.bootstrap import Bootstrap
 from p2pfl.protocol.catchup import CatchUp
-from p2pfl.protocol.events import Event, Received, Send
+from p2pfl.protocol.events import Event, Send
 from p2pfl.protocol.sync import SyncGossip
 from p2pfl.record.history import save_model
 from p2pfl.record.rounds import PeerHistory
@@ -79,10 +79,7 @@ class GossipPort:
         envelope = self.transport.recv(timeout_s)
         if envelope is None:
             return None
-        event = decode(envelope.frames, self.expect, envelope.origin)
-        if isinstance(event, Received) and envelope.authenticated is not None:
-            event = dataclasses.replace(event, authenticated=envelope.authenticated)
-        return event
+        return decode(envelope.frames, self.expect, envelope.origin, envelope.authenticated)
 
     def carry_out(self, sends: Sequence[Send]) -> None:
         for send in sends:
@@ -108,7 +105,9 @@ class _CoordinatorPort:
 
     def receive(self, timeout_s: float) -> Event | None:
         envelope = self.link.recv(timeout_s)
-        return None if envelope is None else decode(envelope.frames, self.expect)
+        if envelope is None:
+            return None
+        return decode(envelope.frames, self.expect, envelope.origin, envelope.authenticated)
 
     def carry_out(self, sends: Sequence[Send]) -> None:
         for send in sends:
@@ -126,7 +125,7 @@ class GossipPeer:
         n_params = self.learner.n_params
         self.expect = wire.Expect(p.run.digest, p.run.peers - 1, {"params": (n_params,)})
         self.transport = with_faults(
-            Transport(p.address, p.neighbour_addresses, self.expect.max_frames),
+            Transport(p.address, p.neighbour_addresses, self.expect.max_frames, p.keys),
             delay_ms=p.faults.link_delay_ms,
             drop=p.faults.link_drop,
             seed=list(p.faults.link_seed),  # which messages the link loses
@@ -161,7 +160,7 @@ class GossipPeer:
         p = self.plan
         assert p.bootstrap is not None
         coordinator = wire.Expect(p.run.digest, p.run.peers, {})
-        self.link = Link(p.bootstrap, None, coordinator.max_frames)
+        self.link = Link(p.bootstrap, None, coordinator.max_frames, p.keys, p.run.peers)
         self.boot_port = port = _CoordinatorPort(self.link, coordinator, self.id)
         limit = p.sync.startup_timeout_s
         boot = Bootstrap(

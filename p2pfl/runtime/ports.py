@@ -11,7 +11,6 @@ the history lines.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -19,7 +18,7 @@ from typing import Any, Protocol
 from p2pfl.net.sockets import Envelope
 from p2pfl.net.transport import Hub, Link
 from p2pfl.protocol import wire
-from p2pfl.protocol.events import Event, Received, Send
+from p2pfl.protocol.events import Event, Send
 from p2pfl.runtime.node import decode, encode
 
 Route = Callable[[int], bytes | None]  # a peer id -> the routing id of its connection
@@ -40,10 +39,7 @@ class Tally(Protocol):
 
 def _event(envelope: Envelope, expect: wire.Expect) -> Event:
     """What arrived, decoded and checked, with the transport's origin and identity."""
-    event = decode(envelope.frames, expect, envelope.origin)
-    if isinstance(event, Received) and envelope.authenticated is not None:
-        event = dataclasses.replace(event, authenticated=envelope.authenticated)
-    return event
+    return decode(envelope.frames, expect, envelope.origin, envelope.authenticated)
 
 
 class HubPort:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from p2pfl.config.loader import load, with_mode
 from p2pfl.config.schema import Scenario, ScenarioError
-from p2pfl.protocol.addresses import check_tcp
+from p2pfl.protocol.addresses import check_tcp, is_loopback
 from p2pfl.runtime import process
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -44,6 +44,7 @@ class PeerArgs:
     address: str | None = None
     resume: bool = False
     log_level: str = "info"
+    insecure: bool = False  # allow a non-loopback address without [security] keys
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,28 @@ class CoordinatorArgs:
     mode: str | None = None
     out: str | None = None
     log_level: str = "info"
+    insecure: bool = False
+
+
+def refuse_clear(s: Scenario, addresses: list[str], insecure: bool) -> None:
+    """In clear (no `[security] keys`), refuse any address others can reach, unless
+    `insecure`: then say so, once, at warning level."""
+    if s.security.keys is not None:
+        return
+    exposed = sorted({a for a in addresses if not is_loopback(a)})
+    if not exposed:
+        return
+    if not insecure:
+        raise ScenarioError(
+            f"{', '.join(exposed)}: not a loopback address, and the scenario has no "
+            "[security] keys, so anyone who reaches it could read the models and speak as "
+            "any peer. Make keys with `p2pfl keys SCENARIO --out DIR`, set "
+            '[security] keys = "DIR" in the scenario, and copy DIR/public/ plus each '
+            "host's own secret file to it; or pass --insecure to run in clear anyway"
+        )
+    import structlog
+
+    structlog.get_logger().warning("insecure", addresses=exposed, reason="--insecure: in clear")
 
 
 def finish_process() -> None:
@@ -101,11 +124,16 @@ def peer(args: PeerArgs) -> int:
         if s.mode == "centralized":
             from p2pfl.config.plan import client_plan
 
-            run_client(client_plan(s, args.peer_id, out, args.resume))
+            client = client_plan(s, args.peer_id, out, args.resume)
+            refuse_clear(s, [client.control, client.updates], args.insecure)
+            run_client(client)
         else:
             from p2pfl.config.plan import gossip_plan
 
-            run_peer(gossip_plan(s, args.peer_id, out, args.address, args.resume))
+            plan = gossip_plan(s, args.peer_id, out, args.address, args.resume)
+            reached = [plan.address, *plan.neighbour_addresses.values(), plan.bootstrap or ""]
+            refuse_clear(s, [a for a in reached if a], args.insecure)
+            run_peer(plan)
     except (CoordinatorLostError, BootstrapError) as exc:
         print(f"p2pfl: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -134,8 +162,10 @@ def coordinator(args: CoordinatorArgs) -> int:
     from p2pfl.runtime.coordinator import SessionAbortedError, run_coordinator
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # close the sockets on the way out
+    plan = server_plan(s, out) if s.mode == "centralized" else bootstrap_plan(s, out)
+    refuse_clear(s, list(s.coordinator_addresses()), args.insecure)
     try:
-        run_coordinator(server_plan(s, out) if s.mode == "centralized" else bootstrap_plan(s, out))
+        run_coordinator(plan)
     except SessionAbortedError as exc:
         print(f"p2pfl: coordinator: {exc}", file=sys.stderr)
         return EXIT_FAILED

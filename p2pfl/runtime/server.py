@@ -55,7 +55,7 @@ class FedServer:
         self.log = log.bind(peer="coordinator", role="server")
         self.machine = FedAvgServer(plan.server, model, time.monotonic(), self.log)
         expect = wire.Expect(plan.run.digest, plan.run.peers - 1, shapes)
-        self.hub = Hub(plan.control, plan.updates, expect.max_frames)
+        self.hub = Hub(plan.control, plan.updates, expect.max_frames, plan.keys)
         self.saved = False  # the final model is saved (once end_session went out)
         self.port = HubPort(
             self.hub,
