@@ -34,11 +34,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from p2pfl.app import precompile
-from p2pfl.app.ports import LaunchError, unusable_addresses
+from p2pfl.app.ports import LaunchError, bound_addresses, unusable_addresses
 from p2pfl.config.loader import MAX_LAUNCH_PEERS
 from p2pfl.config.plan import check_keys
-from p2pfl.config.schema import Scenario
+from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.net.keys import create as create_keys
+from p2pfl.protocol.addresses import is_loopback
 from p2pfl.record import history
 from p2pfl.runtime import process, roles
 
@@ -376,6 +377,13 @@ def launch(
             f"topology.peers = {scenario.peers}: p2pfl launch starts one process per peer, "
             f"at most {MAX_LAUNCH_PEERS}; run it with p2pfl simulate"
         )
+    if scenario.security.keys is None:
+        exposed = [a for a in bound_addresses(scenario).values() if not is_loopback(a)]
+        if exposed:
+            raise ScenarioError(
+                f"{exposed[0]}: not a loopback address, and the scenario has no [security] "
+                'keys: set [security] keys = "auto" to run this launch encrypted'
+            )
     problems = unusable_addresses(scenario)
     if problems:
         raise LaunchError(

@@ -13,14 +13,9 @@ class LaunchError(RuntimeError):
     """The run cannot start on this machine (for instance a port is taken)."""
 
 
-def unusable_addresses(scenario: Scenario) -> list[str]:
-    """Peer addresses this machine cannot bind now, each with the reason.
-
-    Checked before anything starts, so a second run on the same ports fails at once
-    with a clear message instead of eight peers dying on `Address already in use`.
-    SO_REUSEADDR matches what ZeroMQ sets, so ports in TIME_WAIT do not count.
-    """
-    problems = []
+def bound_addresses(scenario: Scenario) -> dict[str, str]:
+    """What a local launch binds, by who binds it: the peers' gossip inboxes (gossip
+    mode), the coordinator's control channel, and its update channel (centralized)."""
     addresses = (
         {}
         if scenario.mode == "centralized"
@@ -31,7 +26,18 @@ def unusable_addresses(scenario: Scenario) -> list[str]:
         addresses["coordinator"] = control
         if scenario.mode == "centralized":
             addresses["coordinator updates"] = updates
-    for who, addr in addresses.items():
+    return addresses
+
+
+def unusable_addresses(scenario: Scenario) -> list[str]:
+    """Peer addresses this machine cannot bind now, each with the reason.
+
+    Checked before anything starts, so a second run on the same ports fails at once
+    with a clear message instead of eight peers dying on `Address already in use`.
+    SO_REUSEADDR matches what ZeroMQ sets, so ports in TIME_WAIT do not count.
+    """
+    problems = []
+    for who, addr in bound_addresses(scenario).items():
         host, _, port = addr.removeprefix("tcp://").rpartition(":")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
