@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, merge, read_jsonl, to_toml
 
+from p2pfl.net import keys
+
 pytestmark = pytest.mark.slow  # peer processes in network namespaces
 
 PEERS, ROUNDS, PORT = 8, 40, 27000  # one port for all: every peer has its own stack
@@ -108,8 +110,11 @@ def test_quickstart_over_shaped_lossy_links(lab, procs, tmp_path):
             "network": {"addresses": [f"tcp://{lab.host(i)}:{PORT}" for i in range(PEERS)]},
             "gossip": GOSSIP,
             "faults": {"link_delay_ms": 50.0, "link_drop": 0.05},
+            # off loopback: CURVE on every link (in clear a peer would need --insecure)
+            "security": {"keys": "keys"},
         },
     )
+    keys.create(tmp_path / "keys", PEERS)
     assert data["training"]["rounds"] == ROUNDS and data["model"]["kind"] == "mlp"
     scenario = tmp_path / "netns.toml"
     scenario.write_text(to_toml(data))
