@@ -114,6 +114,27 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
             "(allowed: 'digits', 'mnist5k')"
         )
     _check_custom(s, peer)
+    _check_privacy(s)
+
+
+def _check_privacy(s: Scenario) -> None:
+    """Privacy settings that only make sense together; the calibration is checked here
+    too, so an unreachable target ε stops the scenario before anything starts."""
+    p = s.privacy
+    if p.mechanism == "none":
+        return
+    if p.target_epsilon is not None and p.noise_multiplier is not None:
+        raise ScenarioError(
+            "privacy.target_epsilon and privacy.noise_multiplier are both set: the target "
+            "calibrates the noise multiplier, leave one out"
+        )
+    if s.training.rounds == 0:
+        raise ScenarioError(
+            "privacy.mechanism = 'update' with training.rounds = 0: nothing to protect"
+        )
+    from p2pfl.config.privacy import update_dp
+
+    update_dp(s)
 
 
 def _check_custom(s: Scenario, peer: int | None) -> None:

@@ -18,6 +18,7 @@ import networkx as nx
 
 from p2pfl.config.learning import DataLike, ModelLike, learning_spec
 from p2pfl.config.loader import graph
+from p2pfl.config.privacy import update_dp
 from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.core import streams
 from p2pfl.core.aggregators import (
@@ -28,6 +29,7 @@ from p2pfl.core.aggregators import (
 )
 from p2pfl.core.attacks import dissensus_gains
 from p2pfl.core.graphs import Mixing
+from p2pfl.core.privacy import UpdateDp
 from p2pfl.core.transforms import OUTGOING_ATTACKS, ModelTransform, attack_transform, identity
 from p2pfl.learning.local import LearningSpec
 from p2pfl.net.keys import KeyFileError, Keyring, keyring
@@ -82,6 +84,7 @@ class GossipPlan:
     learning: LearningSpec
     resume: bool = False
     keys: Keyring | None = None  # CURVE: its pair, its neighbours' (and coordinator's) keys
+    privacy: UpdateDp | None = None  # [privacy] mechanism = "update": local DP
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class ClientPlan:
     learning: LearningSpec
     resume: bool = False
     keys: Keyring | None = None  # CURVE: its pair and the coordinator's key
+    privacy: UpdateDp | None = None  # [privacy] mechanism = "update": local DP
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,7 @@ def gossip_plan(
         learning=learning_spec(s),
         resume=resume,
         keys=node_keys(s, out, peer_id, [*neighbours, *([s.peers] if gs_boot else [])]),
+        privacy=update_dp(s),
     )
 
 
@@ -283,6 +288,7 @@ def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> C
         learning=learning_spec(s),
         resume=resume,
         keys=node_keys(s, out, peer_id, [s.peers]),
+        privacy=update_dp(s),
     )
 
 
@@ -351,6 +357,7 @@ class SimPlan:
     learning: LearningSpec
     chunk: int  # peers per batched call ([sim] chunk)
     eval_every: int = 1  # gossip: evaluate every this many rounds (and the last)
+    privacy: UpdateDp | None = None  # [privacy] mechanism = "update", as every peer applies it
 
 
 def _rounds_until(seconds: float, round_s: float) -> int:
@@ -425,4 +432,5 @@ def sim_plan(
         learning=learning_spec(s, model=model, data=data),
         chunk=s.sim.chunk,
         eval_every=s.sim.eval_every,
+        privacy=update_dp(s),
     )

@@ -244,6 +244,30 @@ class Sim(_Section):
     eval_every: int = Field(1, ge=1)
 
 
+class Privacy(_Section):
+    """Differential privacy of what a peer releases, with ε accounted every round.
+
+    `mechanism = "update"` (participant-level, local DP): each peer clips its round's
+    update (trained model minus the model it started from) to `clip` in L2 and adds
+    N(0, (noise_multiplier · clip)²) before it keeps and sends it; in gossip every
+    round is a release, in centralized mode every round the peer is sampled in. ε at
+    `delta` (default 1e-5, or 1/peers² when smaller) is accounted with `accountant`
+    (RDP or PLD, dp-accounting). `target_epsilon` calibrates the noise multiplier
+    for the scenario's rounds before anything runs (then leave noise_multiplier out).
+    """
+
+    mechanism: Literal["none", "update"] = "none"
+    clip: float = Field(1.0, gt=0.0)
+    noise_multiplier: float | None = Field(None, gt=0.0, le=1e4)  # default 1.0 (no target)
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+    def resolved_delta(self, peers: int) -> float:
+        """`delta`, or the default: 1e-5 capped at 1/peers² (a peer is the unit)."""
+        return self.delta if self.delta is not None else min(1e-5, 1.0 / peers**2)
+
+
 class Security(_Section):
     """CurveZMQ on every socket: encrypted, and each message bound to its sender's key.
 
@@ -291,6 +315,7 @@ class Scenario(_Section):
     faults: Faults = Field(default_factory=Faults)
     output: Output = Field(default_factory=Output)
     sim: Sim = Field(default_factory=Sim)
+    privacy: Privacy = Field(default_factory=Privacy)
     security: Security = Field(default_factory=Security)
     base_dir: str = Field(".", exclude=True)
 

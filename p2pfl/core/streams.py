@@ -25,8 +25,13 @@ SIM_LINK = 13  # [seed, SIM_LINK, round]: which links lose their model in a simu
 SHARED_INIT = 2**31 - 1  # the initial model every peer shares (model.init = "shared")
 TRAIN_BASE = 2**30  # peer i shuffles its batches with stream TRAIN_BASE + i
 # fold_in(fold_in(PRNGKey(seed), ATTACK_KEY), peer): a peer's outgoing-model noise
-# (`transforms.gaussian`); a later DP noise transform gets a name of its own here
+# (`transforms.gaussian`)
 ATTACK_KEY = 2**29 + ATTACK
+DP = 14  # differential-privacy noise; drawn in JAX, from stream DP_KEY below
+# fold_in(fold_in(fold_in(PRNGKey(seed), DP_KEY), peer), round): the noise a peer adds
+# to its round-r update (`privacy.privatize`); stateless, so a resumed peer and the
+# simulator draw the very same noise
+DP_KEY = 2**29 + DP
 
 
 def rng(seed: int, *path: int) -> np.random.Generator:

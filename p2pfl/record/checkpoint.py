@@ -23,6 +23,7 @@ class Checkpoint(NamedTuple):
 
     state: TrainState
     round: int
+    releases: int = 0  # DP releases made up to `round`: the accountant goes on from them
 
 
 def path_for(out_dir: Path, peer_id: int) -> Path:
@@ -30,14 +31,15 @@ def path_for(out_dir: Path, peer_id: int) -> Path:
     return out_dir / "checkpoints" / f"peer-{peer_id}.npz"
 
 
-def save(path: Path, state: TrainState, round_: int) -> None:
-    """Write `state` after `round_` atomically."""
+def save(path: Path, state: TrainState, round_: int, releases: int = 0) -> None:
+    """Write `state` after `round_` atomically (with the DP releases made so far)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     leaves = jax.tree_util.tree_leaves(state.opt_state)
     arrays: dict[str, np.ndarray] = {
         "params": np.asarray(state.params),
         "key": np.asarray(state.key),
         "round": np.asarray(round_, dtype=np.int64),
+        "releases": np.asarray(releases, dtype=np.int64),
     }
     arrays.update({f"opt_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
     tmp = path.with_suffix(".tmp.npz")
@@ -54,6 +56,7 @@ def load(path: Path, like: TrainState) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as f:
             params, key, round_ = f["params"], f["key"], int(f["round"])
+            releases = int(f["releases"]) if "releases" in f.files else 0
             opt = [f[f"opt_{i}"] for i in range(len(leaves))]
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"{path} is not a checkpoint of this scenario ({exc})") from None
@@ -64,4 +67,4 @@ def load(path: Path, like: TrainState) -> Checkpoint:
             raise ValueError(f"{path} holds another optimizer state")
     opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in opt])
     state = TrainState(jnp.asarray(params), opt_state, jnp.asarray(key))
-    return Checkpoint(state, round_)
+    return Checkpoint(state, round_, releases)

@@ -36,6 +36,8 @@ class RoundRecord:
     # centralized mode "global" (the server's model after the round) or "update" (the
     # peer's own update, for a round whose global model it never received)
     evaluated_on: str
+    # [privacy]: the peer's cumulative ε at the run's δ after this round (None: no DP)
+    epsilon: float | None = None
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class PeerHistory:
         heard: Iterable[int] = (),
         missing: Iterable[int] = (),
         disagreement: float | None = None,
+        epsilon: float | None = None,
     ) -> RoundRecord:
         """Write round `round_`'s line with the tallies since the last one; reset them."""
         cpu = self._cpu()
@@ -98,6 +99,7 @@ class PeerHistory:
             t=self._clock() - self._t0,
             time=self._wall(),
             evaluated_on=evaluated_on,
+            epsilon=epsilon,
         )
         self._cpu0 = cpu
         self._writer.write(record)
@@ -120,6 +122,7 @@ def simulated(
     heard: Iterable[int] = (),
     missing: Iterable[int] = (),
     disagreement: float | None = None,
+    epsilon: float | None = None,
 ) -> RoundRecord:
     """A simulated peer's line: the same fields, the networked measurements (bytes,
     per-peer seconds, CPU) None, since the simulator runs every peer in one batched call.
@@ -144,4 +147,5 @@ def simulated(
         t=t,
         time=wall,
         evaluated_on=evaluated_on,
+        epsilon=epsilon,
     )

@@ -125,6 +125,7 @@ class FedClient:
             train_s=mine.train_s if mine else 0.0,
             eval_s=eval_s,
             disagreement=disagreement,
+            epsilon=self.learner.epsilon,
         )
         self.recorded = round_
 
@@ -151,7 +152,7 @@ class FedClient:
         return state, params
 
     def _train(self, round_: int, state: TrainState) -> TrainState:
-        trained = self.learner.train(state)
+        trained = self.learner.train(state, round_)
         update = self.machine.update(round_, trained.loss, trained.sent, time.monotonic())
         self.port.carry_out([update])
         self.trained = _Trained(round_, trained.loss, trained.model, trained.train_s)

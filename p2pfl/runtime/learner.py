@@ -2,8 +2,9 @@
 checkpoints.
 
 The gossip peer and the centralized client train the same way: train on the shard,
-hold the model back if the peer is an injected straggler, pass it through the plan's
-outgoing-model transform (an attack today, DP noise later), and checkpoint after the
+privatize the update when `[privacy]` is on (`core.privacy.privatize`: the model the
+peer keeps and sends), hold the model back if the peer is an injected straggler, pass
+it through the plan's outgoing-model transform (an attack), and checkpoint after the
 round. Written once here; the roles differ only in where the result goes.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from p2pfl.config.plan import ClientPlan, GossipPlan
+from p2pfl.core import privacy
 from p2pfl.learning.local import Local, build, evaluate
 from p2pfl.learning.trainer import FlatParams, TrainState, as_numpy
 from p2pfl.record import checkpoint
@@ -30,6 +32,7 @@ class Trained:
     model: np.ndarray  # this peer's own model after training
     sent: np.ndarray  # what it sends: the transform's output (the model itself if honest)
     train_s: float  # training alone, without the injected straggling
+    epsilon: float | None = None  # with [privacy]: the peer's ε after this release
 
 
 class Learner:
@@ -42,22 +45,38 @@ class Learner:
         self.log = log
         self._transform = plan.transform
         self._transform_state = plan.transform.init(plan.run.seed, plan.peer_id)
+        self.dp = plan.privacy
+        self.seed, self.peer_id = plan.run.seed, plan.peer_id
+        self.releases = 0  # DP releases so far (restored from the checkpoint on resume)
 
     @property
     def n_params(self) -> int:
         """The flat model's length."""
         return self.local.trainer.n_params
 
-    def train(self, state: TrainState) -> Trained:
-        """Train one round, straggle if injected, and transform what is sent."""
+    def train(self, state: TrainState, round_: int) -> Trained:
+        """Train round `round_`, privatize the update (DP), straggle if injected, and
+        transform what is sent."""
         t = time.perf_counter()
+        start = state.params
         state, loss = self.local.trainer.train(state, self.local.data.train)
+        epsilon = None
+        if self.dp is not None:
+            key = privacy.noise_key(self.seed, self.peer_id, round_)
+            state = self.with_params(state, privacy.privatize(start, state.params, self.dp, key))
+            self.releases += 1
+            epsilon = privacy.release_epsilon(self.dp, self.releases)
         model = as_numpy(state.params)
         train_s = time.perf_counter() - t
         if delay := self.faults.slow_delay_s:
             time.sleep(delay)  # an injected straggler (faults.slow), on purpose
         sent, self._transform_state = self._transform.apply(model, self._transform_state)
-        return Trained(state, float(loss), model, np.asarray(sent), train_s)
+        return Trained(state, float(loss), model, np.asarray(sent), train_s, epsilon)
+
+    @property
+    def epsilon(self) -> float | None:
+        """The peer's ε so far (None without [privacy])."""
+        return None if self.dp is None else privacy.release_epsilon(self.dp, self.releases)
 
     def evaluate(self, params: FlatParams | np.ndarray) -> tuple[float, float | None, float]:
         """(own test accuracy, holdout accuracy or None, seconds it took)."""
@@ -70,13 +89,14 @@ class Learner:
         return self.local.trainer.with_params(state, params)
 
     def save(self, state: TrainState, round_: int) -> None:
-        """Checkpoint `state` after `round_`."""
-        checkpoint.save(self.checkpoint, state, round_)
+        """Checkpoint `state` after `round_` (and the DP releases made so far)."""
+        checkpoint.save(self.checkpoint, state, round_, self.releases)
 
     def restore(self, resume: bool) -> checkpoint.Checkpoint | None:
         """The checkpoint to go on from when resuming and there is one, else None."""
         if resume and self.checkpoint.exists():
             saved = checkpoint.load(self.checkpoint, self.local.state)
+            self.releases = saved.releases
             self.log.info("resumed", round=saved.round)
             return saved
         if resume:

@@ -180,7 +180,7 @@ class GossipPeer:
 
     def _round(self, round_: int, state: TrainState) -> TrainState:
         p = self.plan
-        trained = self.learner.train(state)
+        trained = self.learner.train(state, round_)
         state, own = trained.state, trained.model
         t = time.perf_counter()
         with self.lock:
@@ -217,6 +217,7 @@ class GossipPeer:
             heard=got.heard,
             missing=got.missing,
             disagreement=spread,
+            epsilon=self.learner.epsilon,
         )
         if p.run.every_round:
             path = p.run.out / "models" / f"round-{round_}" / f"peer-{self.id}.npz"
@@ -248,6 +249,7 @@ class GossipPeer:
             holdout_accuracy=hold_acc,
             evaluated_on="initial",
             eval_s=eval_s,
+            epsilon=self.learner.epsilon,
         )
         return initial, 0
 

@@ -57,6 +57,7 @@ class GossipRun(Run):
             self.catch_up(r, nb)
             rows = everyone[alive]
             trained, losses = population.train(self.pop, self.states, None if alive.all() else rows)
+            trained = self.privatize(trained, rows, r)
             self.states = scatter(self.states, rows, trained)
             own = self.states.params
             sent = self.outgoing(own, alive)

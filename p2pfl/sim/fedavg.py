@@ -62,6 +62,7 @@ class CentralizedRun(Run):
             self.adopt(rows, c, r - 1)
             if len(rows):
                 new, trained_losses = population.train(self.pop, self.states, rows)
+                new = self.privatize(new, rows, r)
                 losses = np.asarray(trained_losses)
                 self.states = scatter(self.states, rows, new)
                 own = np.asarray(new.params)

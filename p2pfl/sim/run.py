@@ -20,6 +20,7 @@ import numpy as np
 import structlog
 
 from p2pfl.config.plan import SimPlan
+from p2pfl.core import privacy
 from p2pfl.learning.trainer import TrainState
 from p2pfl.record.history import HistoryWriter, ServerRecord, as_dict
 from p2pfl.record.rounds import simulated
@@ -76,6 +77,7 @@ class Run:
         self.t0, self.started_at = time.perf_counter(), time.time()
         self.transform_states = {i: t.init(r.seed, i) for i, t in plan.transforms.items()}
         self.done = 0  # rounds completed
+        self.releases = np.zeros(self.n, np.int64)  # [privacy]: each peer's DP releases
         self.log = log.bind(peer="sim", peers=self.n)
 
     def rounds(self) -> None:
@@ -83,8 +85,23 @@ class Run:
         raise NotImplementedError
 
     def line(self, peer: int, round_: int, **fields: Any) -> None:
-        record = simulated(round_, t=time.perf_counter() - self.t0, wall=time.time(), **fields)
+        dp = self.plan.privacy
+        eps = None if dp is None else privacy.release_epsilon(dp, int(self.releases[peer]))
+        record = simulated(
+            round_, t=time.perf_counter() - self.t0, wall=time.time(), epsilon=eps, **fields
+        )
         self.histories.write(peer, record)
+
+    def privatize(self, trained: TrainState, rows: np.ndarray, round_: int) -> TrainState:
+        """[privacy]: the trained states of peers `rows` with each update clipped and
+        noised (`core.privacy`, as a networked peer does), from their current models."""
+        dp = self.plan.privacy
+        if dp is None:
+            return trained
+        start = self.states.params[jnp.asarray(rows)]
+        params = privacy.privatize_many(start, trained.params, dp, self.plan.run.seed, rows, round_)
+        self.releases[rows] += 1
+        return trained._replace(params=params)
 
     def evaluate_lines(
         self,
