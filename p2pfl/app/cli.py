@@ -159,6 +159,43 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """Print the ε a scenario's peers will have, before running anything."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from p2pfl.config.privacy import update_dp
+    from p2pfl.core.privacy import epsilons
+
+    s = roles.scenario(args.scenario)
+    dp = update_dp(s)
+    console = Console()
+    if dp is None:
+        console.print(
+            f"{s.name}: no differential privacy ([privacy] mechanism = 'none')", markup=False
+        )
+        return EXIT_OK
+    rounds = s.training.rounds
+    marks = sorted({*range(10, rounds + 1, 10), rounds})
+    at = dict(zip(marks, epsilons(dp.schedule(), marks, dp.accountant), strict=True))
+    how = "calibrated for target_epsilon" if s.privacy.target_epsilon is not None else "set"
+    console.print(
+        f"{s.name} ({s.mode}): mechanism 'update' (participant-level, local DP), clip "
+        f"{dp.clip:g}, noise multiplier {dp.sigma:.4g} ({how}), δ = {dp.delta:g}, "
+        f"{dp.accountant.upper()} accountant"
+    )
+    table = Table("after round", "ε of a peer that trains every round")
+    for r in marks:
+        table.add_row(str(r), f"{at[r]:.4g}")
+    console.print(table)
+    if s.mode == "centralized":
+        console.print(
+            f"centralized: a peer spends ε only in the rounds it is sampled in (fraction "
+            f"{s.centralized.fraction:g}); the column is the most it can spend"
+        )
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Write one CurveZMQ keypair per peer and one for the coordinator."""
     from p2pfl.net.keys import create
@@ -315,6 +352,10 @@ def _parser() -> argparse.ArgumentParser:
     insecure_arg(q)
     log_arg(q)
     q.set_defaults(func=cmd_coordinator)
+
+    q = sub.add_parser("privacy", help="print the ε a scenario's peers will spend, per 10 rounds")
+    scenario_arg(q)
+    q.set_defaults(func=cmd_privacy)
 
     q = sub.add_parser("keys", help="write CurveZMQ keys for a scenario's peers and coordinator")
     scenario_arg(q)

@@ -37,6 +37,7 @@ from p2pfl.app import precompile
 from p2pfl.app.ports import LaunchError, bound_addresses, unusable_addresses
 from p2pfl.config.loader import MAX_LAUNCH_PEERS
 from p2pfl.config.plan import check_keys
+from p2pfl.config.privacy import privacy_settings
 from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.net.keys import create as create_keys
 from p2pfl.protocol.addresses import is_loopback
@@ -354,13 +355,16 @@ class Launcher:
             coordinator,
             server,
             crashed,
+            privacy=privacy_settings(self.s),
         )
         summary["rejoined_peers"] = sorted(self.rejoined)  # restarted from their checkpoint
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from p2pfl.app.plots import accuracy_plot
+        from p2pfl.app.plots import accuracy_plot, privacy_plot
 
         title = f"{self.s.name} ({self.s.mode})"
         accuracy_plot(histories, self.out / "accuracy.png", title, server)
+        if summary["privacy"] is not None:
+            privacy_plot(histories, self.out / "privacy.png", title)
         return summary
 
 

@@ -47,6 +47,31 @@ def accuracy_plot(
     plt.close(fig)
 
 
+def privacy_plot(histories: Mapping[int, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """The privacy-utility curve: the peers' mean holdout accuracy against their mean ε,
+    one point per round (rounds without an accuracy left out)."""
+    by_round: dict[int, list[tuple[float, float]]] = {}
+    for rows in histories.values():
+        for row in rows:
+            if row.get("epsilon") is not None and row.get("holdout_accuracy") is not None:
+                by_round.setdefault(row["round"], []).append(
+                    (row["epsilon"], row["holdout_accuracy"])
+                )
+    rounds = sorted(by_round)
+    eps = [float(np.mean([e for e, _ in by_round[r]])) for r in rounds]
+    acc = [float(np.mean([a for _, a in by_round[r]])) for r in rounds]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(eps, acc, marker="o", ms=3, lw=1.5)
+    for r, x, y in zip(rounds, eps, acc, strict=True):
+        if r and r % max(1, len(rounds) // 8) == 0:
+            ax.annotate(f"r{r}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, -9))
+    ax.set(xlabel="ε (mean over peers)", ylabel="mean holdout accuracy", title=title, ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def topology_plot(graph: Any, path: Path, title: str) -> None:
     """Draw the peers' graph (spring layout, fixed seed) with node ids."""
     import networkx as nx

@@ -85,12 +85,16 @@ def plot(result: Any, scenario: Scenario, out: Path) -> None:
     them drawn one by one), their mean, and the server's global model."""
     import numpy as np
 
-    from p2pfl.app.plots import accuracy_plot
+    from p2pfl.app.plots import accuracy_plot, privacy_plot
 
-    acc = result.history["holdout_accuracy"]
+    acc, eps = result.history["holdout_accuracy"], result.history["epsilon"]
     histories = {
         i: [
-            {"round": r, "holdout_accuracy": float(acc[r, i])}
+            {
+                "round": r,
+                "holdout_accuracy": float(acc[r, i]),
+                "epsilon": None if np.isnan(eps[r, i]) else float(eps[r, i]),
+            }
             for r in range(acc.shape[0])
             if not np.isnan(acc[r, i])
         ]
@@ -100,3 +104,5 @@ def plot(result: Any, scenario: Scenario, out: Path) -> None:
     if acc.shape[1] > MAX_PLOTTED:
         title += f": the first {MAX_PLOTTED} of {acc.shape[1]} peers"
     accuracy_plot(histories, out / "accuracy.png", title, result.server or None)
+    if result.summary.get("privacy") is not None:
+        privacy_plot(histories, out / "privacy.png", title)

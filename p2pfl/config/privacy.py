@@ -9,6 +9,7 @@ unreachable target is a ScenarioError naming the field.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.core.privacy import Accountant, UpdateDp, calibrate
@@ -20,6 +21,12 @@ def _calibrated(target: float, releases: int, delta: float, accountant: Accounta
         return calibrate(target, 1.0, releases, delta, accountant)
     except ValueError as exc:
         raise ScenarioError(f"privacy.target_epsilon = {target:g}: {exc}") from None
+
+
+def privacy_settings(s: Scenario) -> dict[str, Any] | None:
+    """What `summary.json` records of the run's DP (None without it)."""
+    dp = update_dp(s)
+    return None if dp is None else dp.as_dict()
 
 
 def update_dp(s: Scenario) -> UpdateDp | None:

@@ -49,6 +49,13 @@ class DpSchedule(NamedTuple):
         return {"q": self.q, "noise_multiplier": self.sigma, "steps_per_round": self.steps}
 
 
+class Spent(NamedTuple):
+    """A peer's privacy budget spent so far: ε at the run's δ after `steps` mechanisms."""
+
+    epsilon: float
+    steps: int
+
+
 class UpdateDp(NamedTuple):
     """Participant-level DP of one run: each release is one Gaussian mechanism."""
 
@@ -60,6 +67,20 @@ class UpdateDp(NamedTuple):
     def schedule(self) -> DpSchedule:
         """One unsampled Gaussian per release: what the peer's ε composes."""
         return DpSchedule(1.0, self.sigma, 1, self.delta)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings and the accountant's inputs, as `summary.json` records them: ε
+        after k releases is the accountant's for k steps of (q, noise_multiplier)."""
+        return {
+            "mechanism": "update",
+            "where": "peer",
+            "clip": self.clip,
+            "noise_multiplier": self.sigma,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            **self.schedule().as_dict(),
+            "steps": "one per round the peer trains in (its releases)",
+        }
 
 
 @functools.lru_cache(maxsize=4096)

@@ -36,8 +36,11 @@ class RoundRecord:
     # centralized mode "global" (the server's model after the round) or "update" (the
     # peer's own update, for a round whose global model it never received)
     evaluated_on: str
-    # [privacy]: the peer's cumulative ε at the run's δ after this round (None: no DP)
+    # [privacy]: the peer's cumulative ε at the run's δ after this round (None: no DP),
+    # and the mechanism steps it composes (its releases so far): with summary.json's
+    # privacy block (q, noise_multiplier, delta, accountant) anyone can recompute ε
     epsilon: float | None = None
+    dp_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,9 @@ def _busiest(totals: Mapping[int | str, int]) -> dict[str, Any]:
     return {"node": node, "bytes": totals[node] if node is not None else 0}
 
 
+PER_PEER_MAX = 256  # more peers: the per-peer ε stays in the histories only
+
+
 def summarize(
     scenario: str,
     mode: str,
@@ -132,12 +138,14 @@ def summarize(
     coordinator_history: list[dict[str, Any]] | None = None,
     crashed: Iterable[int] = (),
     engine: str = "launch",
+    privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The `summary.json` of a run: outcome, final holdout accuracy, traffic, time.
 
     Traffic counts every node, the coordinator (node "coordinator") included, so the
     two modes' totals and busiest nodes compare like for like; `engine = "sim"` (the
-    simulator: nothing on a wire) leaves the traffic figures None.
+    simulator: nothing on a wire) leaves the traffic figures None. With `privacy` (the
+    DP settings and accountant inputs) a `privacy` block adds each peer's final ε.
     """
     completed, failed = sorted(completed), sorted(failed)
     networked = engine != "sim"  # the simulator moves no bytes: its traffic is None
@@ -172,4 +180,15 @@ def summarize(
         "wall_s": wall_s,
         "started_at": started_at,
         "coordinator": dict(coordinator) if coordinator is not None else None,
+        "privacy": None if privacy is None else _privacy(privacy, histories),
     }
+
+
+def _privacy(settings: Mapping[str, Any], histories: Mapping[int, list[dict[str, Any]]]) -> dict:
+    """The DP settings with every peer's final ε (its last line's) and their spread."""
+    final = {p: h[-1].get("epsilon") for p, h in histories.items() if h}
+    known = [e for e in final.values() if e is not None]
+    block = {**settings, "epsilon": _stats(known)}
+    if len(final) <= PER_PEER_MAX:
+        block["epsilon_per_peer"] = final
+    return block

@@ -13,8 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from p2pfl.record.history import HistoryWriter, RoundRecord
+
+if TYPE_CHECKING:
+    from p2pfl.core.privacy import Spent
 
 Clock = Callable[[], float]
 
@@ -73,7 +77,7 @@ class PeerHistory:
         heard: Iterable[int] = (),
         missing: Iterable[int] = (),
         disagreement: float | None = None,
-        epsilon: float | None = None,
+        dp: Spent | None = None,
     ) -> RoundRecord:
         """Write round `round_`'s line with the tallies since the last one; reset them."""
         cpu = self._cpu()
@@ -99,7 +103,8 @@ class PeerHistory:
             t=self._clock() - self._t0,
             time=self._wall(),
             evaluated_on=evaluated_on,
-            epsilon=epsilon,
+            epsilon=None if dp is None else dp.epsilon,
+            dp_steps=None if dp is None else dp.steps,
         )
         self._cpu0 = cpu
         self._writer.write(record)
@@ -122,7 +127,7 @@ def simulated(
     heard: Iterable[int] = (),
     missing: Iterable[int] = (),
     disagreement: float | None = None,
-    epsilon: float | None = None,
+    dp: Spent | None = None,
 ) -> RoundRecord:
     """A simulated peer's line: the same fields, the networked measurements (bytes,
     per-peer seconds, CPU) None, since the simulator runs every peer in one batched call.
@@ -147,5 +152,6 @@ def simulated(
         t=t,
         time=wall,
         evaluated_on=evaluated_on,
-        epsilon=epsilon,
+        epsilon=None if dp is None else dp.epsilon,
+        dp_steps=None if dp is None else dp.steps,
     )

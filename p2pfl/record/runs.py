@@ -20,7 +20,7 @@ from p2pfl.record.history import read
 
 # per-round, per-peer figures every Result carries: [rounds + 1, peers], NaN where a
 # peer has no line that round
-COLUMNS = ("holdout_accuracy", "test_accuracy", "train_loss", "disagreement", "epsilon")
+COLUMNS = ("holdout_accuracy", "test_accuracy", "train_loss", "disagreement", "epsilon", "dp_steps")
 
 
 @dataclass

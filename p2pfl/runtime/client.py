@@ -125,7 +125,7 @@ class FedClient:
             train_s=mine.train_s if mine else 0.0,
             eval_s=eval_s,
             disagreement=disagreement,
-            epsilon=self.learner.epsilon,
+            dp=self.learner.spent,
         )
         self.recorded = round_
 

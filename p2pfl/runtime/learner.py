@@ -78,6 +78,12 @@ class Learner:
         """The peer's ε so far (None without [privacy])."""
         return None if self.dp is None else privacy.release_epsilon(self.dp, self.releases)
 
+    @property
+    def spent(self) -> privacy.Spent | None:
+        """What a history line carries of the peer's DP: ε and the steps it composes."""
+        eps = self.epsilon
+        return None if eps is None else privacy.Spent(eps, self.releases)
+
     def evaluate(self, params: FlatParams | np.ndarray) -> tuple[float, float | None, float]:
         """(own test accuracy, holdout accuracy or None, seconds it took)."""
         t = time.perf_counter()

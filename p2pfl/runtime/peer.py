@@ -217,7 +217,7 @@ class GossipPeer:
             heard=got.heard,
             missing=got.missing,
             disagreement=spread,
-            epsilon=self.learner.epsilon,
+            dp=self.learner.spent,
         )
         if p.run.every_round:
             path = p.run.out / "models" / f"round-{round_}" / f"peer-{self.id}.npz"
@@ -249,7 +249,7 @@ class GossipPeer:
             holdout_accuracy=hold_acc,
             evaluated_on="initial",
             eval_s=eval_s,
-            epsilon=self.learner.epsilon,
+            dp=self.learner.spent,
         )
         return initial, 0
 

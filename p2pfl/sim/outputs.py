@@ -84,6 +84,7 @@ def summary(
     started_at: float,
     server: list[ServerRecord],
     interrupted: bool,
+    privacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`summary.json` as a launch writes it, `engine = "sim"`; written to the folder."""
     lines = {i: [histories.last[i]] if i in histories.last else [] for i in range(histories.peers)}
@@ -100,6 +101,7 @@ def summary(
         coordinator_history=[as_dict(r) for r in server],
         crashed=crashed,
         engine="sim",
+        privacy=privacy,
     )
     result["interrupted"] = interrupted
     result["history"] = "history.npz" if histories.columnar else "peer-<id>.jsonl"

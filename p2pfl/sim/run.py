@@ -85,10 +85,10 @@ class Run:
         raise NotImplementedError
 
     def line(self, peer: int, round_: int, **fields: Any) -> None:
-        dp = self.plan.privacy
-        eps = None if dp is None else privacy.release_epsilon(dp, int(self.releases[peer]))
+        dp, steps = self.plan.privacy, int(self.releases[peer])
+        spent = None if dp is None else privacy.Spent(privacy.release_epsilon(dp, steps), steps)
         record = simulated(
-            round_, t=time.perf_counter() - self.t0, wall=time.time(), epsilon=eps, **fields
+            round_, t=time.perf_counter() - self.t0, wall=time.time(), dp=spent, **fields
         )
         self.histories.write(peer, record)
 
@@ -181,6 +181,7 @@ class Run:
             self.started_at,
             self.server,
             interrupted,
+            None if p.privacy is None else p.privacy.as_dict(),
         )
         return Result(
             result,
