@@ -1,0 +1,150 @@
+"""Differential privacy in-process: the accountant against dp-accounting's own figures,
+the update mechanism's clipping and noise, the settings' checks, both engines' noise."""
+
+from __future__ import annotations
+
+import json
+
+import dp_accounting
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dp_accounting import dp_event, rdp
+
+from p2pfl.config.loader import parse
+from p2pfl.config.privacy import update_dp
+from p2pfl.config.schema import ScenarioError
+from p2pfl.core import privacy
+
+
+def rdp_reference(q: float, sigma: float, steps: int, delta: float) -> float:
+    """dp-accounting's RDP accountant, called directly."""
+    acc = rdp.RdpAccountant()
+    event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+    acc.compose(dp_event.SelfComposedDpEvent(event, steps))
+    return acc.get_epsilon(delta)
+
+
+def test_the_published_dp_sgd_setting():
+    """q = 256/60000, σ = 1.1, 60 epochs, δ = 1e-5 (Abadi et al.'s MNIST): RDP ≈ 2.60,
+    PLD ≈ 2.38, each equal to dp-accounting's own value."""
+    q, steps = 256 / 60000, int(60 * 60000 / 256)
+    got = privacy.epsilon(q, 1.1, steps, 1e-5)
+    assert got == pytest.approx(rdp_reference(q, 1.1, steps, 1e-5), rel=1e-12)
+    assert got == pytest.approx(2.60, abs=0.005)
+    pld = privacy.epsilon(q, 1.1, steps, 1e-5, "pld")
+    assert pld == pytest.approx(2.38, abs=0.01) and pld < got
+
+
+def test_epsilons_compose_round_by_round():
+    schedule = privacy.DpSchedule(0.1, 1.3, 7, 1e-5)
+    got = privacy.epsilons(schedule, [0, 1, 2, 5, 5, 10])
+    want = [0.0] + [rdp_reference(0.1, 1.3, 7 * r, 1e-5) for r in (1, 2, 5, 5, 10)]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got == sorted(got)
+    with pytest.raises(ValueError, match="must not decrease"):
+        privacy.epsilons(schedule, [3, 2])
+
+
+def test_calibration_meets_the_target_and_refuses_the_impossible():
+    sigma = privacy.calibrate(3.0, 1.0, 40, 1e-5)
+    assert privacy.epsilon(1.0, sigma, 40, 1e-5) <= 3.0
+    assert privacy.epsilon(1.0, sigma * 0.98, 40, 1e-5) > 3.0  # the smallest, nearly
+    with pytest.raises(ValueError, match="cannot be met"):
+        privacy.calibrate(1e-6, 1.0, 40, 1e-5)
+
+
+def test_update_is_clipped_then_noised():
+    dp = privacy.UpdateDp(clip=0.5, sigma=1e-6, delta=1e-5)
+    start = np.zeros(1000, np.float32)
+    huge = start + 1e6  # a huge learning rate's update
+    out = np.asarray(privacy.privatize(start, huge, dp, privacy.noise_key(0, 3, 1)))
+    assert np.linalg.norm(out - start) == pytest.approx(0.5, rel=1e-4)
+    assert np.allclose(out, 0.5 / np.sqrt(1000), rtol=1e-3)  # the direction is kept
+    small = start + 1e-4  # inside the ball: unchanged but for the noise
+    out = np.asarray(privacy.privatize(start, small, dp, privacy.noise_key(0, 3, 1)))
+    assert np.allclose(out, small, atol=1e-5)
+
+
+def test_noise_has_the_declared_scale_and_depends_on_seed_peer_round():
+    dp = privacy.UpdateDp(clip=2.0, sigma=1.5, delta=1e-5)
+    start = np.zeros(200_000, np.float32)
+    noise = np.asarray(privacy.privatize(start, start, dp, privacy.noise_key(7, 2, 4)))
+    assert noise.std() == pytest.approx(3.0, rel=0.01) and abs(noise.mean()) < 0.02
+    again = np.asarray(privacy.privatize(start, start, dp, privacy.noise_key(7, 2, 4)))
+    assert np.array_equal(noise, again)
+    for other in (
+        privacy.noise_key(8, 2, 4),
+        privacy.noise_key(7, 3, 4),
+        privacy.noise_key(7, 2, 5),
+    ):
+        assert not np.allclose(noise, np.asarray(privacy.privatize(start, start, dp, other)))
+
+
+def test_the_simulators_batched_noise_is_each_peers_own():
+    dp = privacy.UpdateDp(clip=1.0, sigma=0.7, delta=1e-5)
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(5, 300)).astype(np.float32)
+    trained = start + rng.normal(size=(5, 300)).astype(np.float32)
+    peers = np.array([4, 0, 9, 2, 7])
+    many = np.asarray(
+        privacy.privatize_many(jnp.asarray(start), jnp.asarray(trained), dp, 11, peers, 6)
+    )
+    for k, peer in enumerate(peers):
+        one = privacy.privatize(start[k], trained[k], dp, privacy.noise_key(11, int(peer), 6))
+        np.testing.assert_allclose(many[k], np.asarray(one), rtol=0, atol=2e-6)
+
+
+def test_release_epsilon_is_the_accountants():
+    dp = privacy.UpdateDp(clip=1.0, sigma=2.0, delta=1e-6)
+    assert privacy.release_epsilon(dp, 0) == 0.0
+    for k in (1, 13):
+        assert privacy.release_epsilon(dp, k) == pytest.approx(rdp_reference(1.0, 2.0, k, 1e-6))
+    pld = privacy.UpdateDp(clip=1.0, sigma=2.0, delta=1e-6, accountant="pld")
+    acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(2.0), 13))
+    assert privacy.release_epsilon(pld, 13) == pytest.approx(acc.get_epsilon(1e-6))
+    assert json.dumps(dp.as_dict())  # the summary block is JSON
+
+
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"mechanism": "update", "noise_multiplier": -1.0}, r"privacy\.noise_multiplier = -1"),
+        ({"mechanism": "update", "clip": 0.0}, r"privacy\.clip = 0"),
+        ({"mechanism": "update", "clip": -2.0}, r"privacy\.clip = -2"),
+        ({"mechanism": "update", "delta": 1.0}, r"privacy\.delta = 1"),
+        ({"mechanism": "update", "delta": 0.0}, r"privacy\.delta = 0"),
+        (
+            {"mechanism": "update", "target_epsilon": 1e-6},
+            r"privacy\.target_epsilon = 1e-06: .*cannot be met",
+        ),
+        ({"mechanism": "update", "target_epsilon": 3.0, "noise_multiplier": 2.0}, r"both set"),
+        ({"mechanism": "laplace"}, r"privacy\.mechanism = 'laplace'"),
+        ({"mechanism": "update", "sigma": 1.0}, r"privacy\.sigma: unknown field"),
+    ],
+)
+def test_bad_privacy_settings_name_the_field(section, match):
+    with pytest.raises(ScenarioError, match=match):
+        parse({"privacy": section})
+
+
+def test_defaults_and_calibration_from_the_scenario():
+    assert update_dp(parse({})) is None
+    dp = update_dp(parse({"privacy": {"mechanism": "update"}}))
+    assert dp == privacy.UpdateDp(1.0, 1.0, 1e-5, "rdp")
+    many = parse(
+        {
+            "topology": {"kind": "ring", "peers": 1000},
+            "data": {"dataset": "synthetic", "synthetic_samples": 5000},
+            "privacy": {"mechanism": "update"},
+        }
+    )
+    assert update_dp(many).delta == pytest.approx(1e-6)  # 1/peers² below 1e-5
+    target = update_dp(
+        parse(
+            {"training": {"rounds": 20}, "privacy": {"mechanism": "update", "target_epsilon": 5.0}}
+        )
+    )
+    assert privacy.release_epsilon(target, 20) <= 5.0
+    assert privacy.release_epsilon(target, 20) == pytest.approx(5.0, rel=0.02)
