@@ -1,8 +1,9 @@
 """Run every benchmark and print one table: metric, value, target, ratio.
 
-`python bench/run_all.py` runs transport, rounds, startup, memory and modes one after
-the other (a few minutes in all) and prints the rows that have a target, then (with
---full) each benchmark's whole table. Each benchmark is also a script of its own.
+`python bench/run_all.py` runs transport, rounds, startup, memory, modes, curve_rounds
+and flood one after the other (about five minutes in all) and prints the rows that
+have a target, then (with --full) each benchmark's whole table. Each benchmark is
+also a script of its own.
 `--against REV` runs bench/rounds.py's comparison with git revision REV as well (ours /
 REV for the median round and for round / compute floor; see bench/rounds.py).
 """
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import curve_rounds
+import flood
 import memory
 import modes
 import rounds
@@ -45,6 +48,8 @@ def main() -> None:
     sections.append(("startup", *startup.run()))
     sections.append(("memory", *memory.run()))
     sections.append(("modes", *modes.run()))
+    sections.append(("curve_rounds", *curve_rounds.run()))
+    sections.append(("flood", *flood.run()))
     elapsed = time.perf_counter() - t0
 
     if args.full:

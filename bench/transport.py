@@ -14,8 +14,18 @@ Variants:
 - raw 8 MiB frames: a PUSH/PULL pair, `send_multipart(copy=False)` of a msgpack-free
   8-byte header and the same array in 8 MiB views; `recv_multipart(copy=False)`.
 - raw 1 frame: the same with the whole array as one frame (over 32 MiB for 50 MB).
+- ours-curve: ours with CurveZMQ: both Transports get a `Keyring` (receiver node 0 knows
+  sender node 1, keys from `keys.create` in a temporary folder), so the receiver's inbox
+  is a CURVE server whose ZAP authenticator admits only node 1's key, and every message
+  must arrive with `authenticated == 1`.
+- raw-curve 8 MiB frames: raw 8 MiB frames with CURVE on both raw sockets (the PULL a
+  CURVE server with node 0's pair, the PUSH with node 0's server key and node 1's pair)
+  and pyzmq's `ThreadAuthenticator` admitting the keys in `public/`, so raw pays the
+  same encryption and the same ZAP handshake. CURVE encrypts frame by frame
+  (libsodium's crypto_box, a copy each way), so CURVE / plain is expected near 1/2.
 
-Trials of the variants are interleaved (ours, raw8, raw1, ours, ...) so a burst of
+Trials of the variants are interleaved (ours, raw8, raw1, ours-curve, raw-curve, ours,
+...) so a burst of
 load from other processes hits them alike. Throughputs are the best trial (noise only
 ever slows a trial down); ratios are the median over trial rounds of the ratio within
 a round. The receiver also reports its process CPU per message (all threads, ZeroMQ's
@@ -26,35 +36,45 @@ moves with how the sender paces the stream.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing as mp
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Row, add_quiet_arg, fmt, preamble, print_table
 
 import p2pfl.net.sockets
+from p2pfl.net import keys
 from p2pfl.net.transport import Transport
 from p2pfl.protocol import wire
 
 MB = 1_000_000
 SIZES_MB = (1, 10, 50)
 CHUNK = 8 * 1024 * 1024
-VARIANTS = ("ours", "raw-8MiB", "raw-1frame")
+PLAIN = ("ours", "raw-8MiB", "raw-1frame")
+CURVE = ("ours-curve", "raw-curve-8MiB")  # --no-curve leaves these out
+VARIANTS = PLAIN + CURVE
+# CurveZMQ keys of the two ends (keys.create in a temporary folder; `peers` = 2, so
+# node 2 is the unused coordinator): the receiver is node 0, the sender node 1
+RECEIVER, SENDER, KEY_PEERS = 0, 1, 2
 # --diagnose adds: ours without wire.decode on the receiver (what decoding costs); ours
 # with the sender's high-water mark raised from transport.SEND_HWM to pyzmq's default
 # (1000); and raw 8 MiB frames whose receiver also checks every value finite (with
 # the check wire.decode uses, frame by frame): the floor for any path that must check
 DIAGNOSTIC = ("ours-nodecode", "ours-hwm1000", "raw-checked")
 SCENARIO = "bench-transport"
-TARGET = 0.9  # ours / best raw at every size
+TARGET = 0.9  # ours / best raw at every size; ours-curve / raw-curve likewise
 
 
 def _n_messages(nbytes: int, budget_bytes: float) -> int:
@@ -74,20 +94,24 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _receiver(conn: Connection) -> None:
+def _receiver(conn: Connection, keydir: str) -> None:
     """Serve trials: (variant, nbytes, n) -> bind, report the address, receive n, report.
 
     The report after "done": (decode s/message, process CPU s/message), both over the
-    messages after the first (which also pays the connect).
+    messages after the first (which also pays the connect, and with CURVE the handshake).
+    `keydir` holds the CURVE keys (`keys.create`) the curve variants use.
     """
+    folder = Path(keydir)
     while True:
         job = conn.recv()
         if job is None:
             return
         variant, nbytes, n = job
+        curve = "curve" in variant
         if variant.startswith("ours"):
             expect = _expect(nbytes)
-            t = Transport("tcp://127.0.0.1:*", {}, expect.max_frames)
+            ring = keys.keyring(folder, RECEIVER, KEY_PEERS, [SENDER]) if curve else None
+            t = Transport("tcp://127.0.0.1:*", {}, expect.max_frames, keys=ring)
             conn.send(t.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
             decode_s = 0.0
             cpu_s = 0.0
@@ -95,6 +119,8 @@ def _receiver(conn: Connection) -> None:
                 envelope = t.recv(60.0)
                 if envelope is None:
                     raise RuntimeError("ours: no message within 60 s")
+                if curve and envelope.authenticated != SENDER:
+                    raise RuntimeError(f"ours-curve: authenticated {envelope.authenticated}")
                 frames = envelope.frames
                 if variant == "ours-nodecode":
                     if sum(len(f) for f in frames[1:]) != nbytes:
@@ -116,8 +142,21 @@ def _receiver(conn: Connection) -> None:
             t.close()
         else:
             ctx = zmq.Context()
+            auth = None
             sock = ctx.socket(zmq.PULL)
             sock.setsockopt(zmq.LINGER, 0)
+            if curve:
+                # the ZAP handler first (without one libzmq admits any key), then the
+                # CURVE server with node 0's pair; admitted: the keys in public/
+                auth = ThreadAuthenticator(ctx)
+                auth.start()
+                auth.configure_curve(domain="*", location=str(folder / "public"))
+                public, secret = zmq.auth.load_certificate(
+                    keys.secret_path(folder, RECEIVER, KEY_PEERS)
+                )
+                sock.curve_server = True
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
             port = sock.bind_to_random_port("tcp://127.0.0.1")
             conn.send(f"tcp://127.0.0.1:{port}")
             cpu_s = 0.0
@@ -137,6 +176,8 @@ def _receiver(conn: Connection) -> None:
             conn.send("done")
             conn.send((0.0, cpu_s / max(1, n - 1)))
             sock.close()
+            if auth is not None:
+                auth.stop()
             ctx.term()
 
 
@@ -144,27 +185,37 @@ def _receiver(conn: Connection) -> None:
 
 
 def _send_ours(
-    addr: str, array: np.ndarray, n: int, conn: Connection, send_hwm: int | None = None
+    addr: str,
+    array: np.ndarray,
+    n: int,
+    conn: Connection,
+    send_hwm: int | None = None,
+    keydir: Path | None = None,
 ) -> float:
+    """Ours as node 1 (in clear: a neighbour id of 1; with `keydir`: CURVE, node 1's
+    keyring, sending to node 0)."""
     expect = _expect(array.nbytes)
+    ring = None if keydir is None else keys.keyring(keydir, SENDER, KEY_PEERS, [RECEIVER])
+    to = 1 if ring is None else RECEIVER
+    me = 0 if ring is None else SENDER
     saved = p2pfl.net.sockets.SEND_HWM
     if send_hwm is not None:
         p2pfl.net.sockets.SEND_HWM = send_hwm  # read when the PUSH sockets are made
     try:
-        t = Transport("tcp://127.0.0.1:*", {1: addr}, expect.max_frames)
+        t = Transport("tcp://127.0.0.1:*", {to: addr}, expect.max_frames, keys=ring)
     finally:
         p2pfl.net.sockets.SEND_HWM = saved
     try:
-        out = t.outboxes[1]
-        # warm: the first message also pays the TCP connect
-        frames = wire.encode("model", 0, 0, SCENARIO, {"degree": 2}, {"params": array})
-        while not t.send(1, frames):
+        out = t.outboxes[to]
+        # warm: the first message also pays the TCP connect (and the CURVE handshake)
+        frames = wire.encode("model", me, 0, SCENARIO, {"degree": 2}, {"params": array})
+        while not t.send(to, frames):
             out.poll(1000, zmq.POLLOUT)
         _expect_msg(conn, "first")
         start = time.perf_counter()
         for i in range(1, n):
-            frames = wire.encode("model", 0, i, SCENARIO, {"degree": 2}, {"params": array})
-            while not t.send(1, frames):
+            frames = wire.encode("model", me, i, SCENARIO, {"degree": 2}, {"params": array})
+            while not t.send(to, frames):
                 out.poll(1000, zmq.POLLOUT)
         _expect_msg(conn, "done")
         return time.perf_counter() - start
@@ -172,13 +223,27 @@ def _send_ours(
         t.close()
 
 
-def _send_raw(addr: str, array: np.ndarray, n: int, conn: Connection, chunk: int | None) -> float:
+def _send_raw(
+    addr: str,
+    array: np.ndarray,
+    n: int,
+    conn: Connection,
+    chunk: int | None,
+    keydir: Path | None = None,
+) -> float:
+    """Raw PUSH; with `keydir` a CURVE client (node 1's pair, node 0's server key)."""
     flat = memoryview(array).cast("B")
     step = chunk or flat.nbytes
     parts = [flat[i : i + step] for i in range(0, flat.nbytes, step)]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 2000)
+    if keydir is not None:
+        public, secret = zmq.auth.load_certificate(keys.secret_path(keydir, SENDER, KEY_PEERS))
+        server, _ = zmq.auth.load_certificate(keys.public_path(keydir, RECEIVER, KEY_PEERS))
+        sock.curve_serverkey = server
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
     sock.connect(addr)
     try:
         sock.send_multipart([(0).to_bytes(8, "little"), *parts], copy=False)
@@ -204,16 +269,18 @@ def _expect_msg(conn: Connection, what: str, timeout_s: float = 120.0) -> None:
 Trial = tuple[float, float, float]  # (bytes/s, receiver decode s/msg, receiver CPU s/msg)
 
 
-def _trial(conn: Connection, variant: str, array: np.ndarray, n: int) -> Trial:
+def _trial(conn: Connection, variant: str, array: np.ndarray, n: int, keydir: Path) -> Trial:
     """(bytes/s of the n-1 messages after a first (connect) one, receiver decode s/message,
     receiver process CPU s/message)."""
     conn.send((variant, array.nbytes, n))
     addr = conn.recv()
+    curve = keydir if "curve" in variant else None
     if variant.startswith("ours"):
-        elapsed = _send_ours(addr, array, n, conn, 1000 if variant == "ours-hwm1000" else None)
+        hwm = 1000 if variant == "ours-hwm1000" else None
+        elapsed = _send_ours(addr, array, n, conn, hwm, curve)
     else:
         chunk = None if variant == "raw-1frame" else CHUNK
-        elapsed = _send_raw(addr, array, n, conn, chunk)
+        elapsed = _send_raw(addr, array, n, conn, chunk, curve)
     decode_s, cpu_s = conn.recv()
     return (n - 1) * array.nbytes / elapsed, decode_s, cpu_s
 
@@ -222,9 +289,12 @@ def measure(
     trials: int = 7, trial_mb: float = 150.0, variants: tuple[str, ...] = VARIANTS
 ) -> dict[int, dict[str, list[Trial]]]:
     """size in MB -> variant -> (throughput bytes/s, decode s/msg, CPU s/msg) of each trial."""
+    tmp = tempfile.TemporaryDirectory(prefix="p2pfl-bench-keys-")
+    keydir = Path(tmp.name)
+    keys.create(keydir, KEY_PEERS)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(child,), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(child, str(keydir)), daemon=True)
     proc.start()
     results: dict[int, dict[str, list[Trial]]] = {}
     try:
@@ -235,12 +305,13 @@ def measure(
             results[size] = {v: [] for v in variants}
             for _ in range(trials):
                 for v in variants:
-                    results[size][v].append(_trial(parent, v, array, n))
+                    results[size][v].append(_trial(parent, v, array, n, keydir))
     finally:
         parent.send(None)
         proc.join(10)
         if proc.is_alive():
             proc.kill()
+        tmp.cleanup()
     return results
 
 
@@ -278,9 +349,46 @@ def decode_cost(reps: int = 10) -> dict[int, dict[str, float]]:
     return out
 
 
+def sodium_speed(reps: int = 10) -> dict[str, float] | None:
+    """In-process bytes/s of libsodium's crypto_box_afternm / _open_afternm on one 8 MiB
+    frame (what CURVE does to each frame, each way), from the libsodium bundled with
+    pyzmq (None if it is not found: pyzmq linked against a system libsodium)."""
+    libs = Path(zmq.__file__).resolve().parent.parent / "pyzmq.libs"
+    found = sorted(libs.glob("libsodium*"))
+    if not found:
+        return None
+    lib = ctypes.CDLL(str(found[0]))
+    lib.sodium_init()
+    ptr = ctypes.c_void_p
+    n = CHUNK + 32  # crypto_box's 32 leading zero bytes
+    plain = np.zeros(n, np.uint8)
+    plain[32:] = np.random.default_rng(2).integers(0, 256, CHUNK, dtype=np.uint8)
+    boxed = np.zeros(n, np.uint8)
+    key, nonce = (ctypes.c_ubyte * 32)(), (ctypes.c_ubyte * 24)()
+    out = {}
+    for name, src, dst in (
+        ("crypto_box_afternm", plain, boxed),
+        ("crypto_box_open_afternm", boxed, plain.copy()),
+    ):
+        fn = getattr(lib, name)
+        fn.argtypes = [ptr, ptr, ctypes.c_ulonglong, ptr, ptr]
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            rc = fn(
+                dst.ctypes.data, src.ctypes.data, n, ctypes.addressof(nonce), ctypes.addressof(key)
+            )
+            best = min(best, time.perf_counter() - t)
+            if rc != 0:
+                raise RuntimeError(f"{name} returned {rc}")
+        out[name] = CHUNK / best
+    return out
+
+
 def rows(
     results: dict[int, dict[str, list[Trial]]],
     decode: dict[int, dict[str, float]] | None = None,
+    sodium: dict[str, float] | None = None,
 ) -> list[Row]:
     """Table rows: throughputs (best trial; median in the note) and the ratios asked for.
 
@@ -353,6 +461,8 @@ def rows(
                 + ", ".join(f"{v} {c * 1e3:.3g}" for v, c in cpu.items()),
             )
         )
+        if "ours-curve" in by:
+            out.extend(_curve_rows(size, by, tput, best, med))
         if "raw-checked" in by:
             out.append(
                 Row(
@@ -387,14 +497,75 @@ def rows(
                     f"would add {d['join'] * 1e3:.2f} ms",
                 )
             )
+    if sodium:
+        for name, speed in sodium.items():
+            out.append(
+                Row(
+                    f"libsodium {name}, 8 MiB (in-process)",
+                    speed / 1e6,
+                    "MB/s",
+                    note="one core, warm cache: the crypto CURVE adds to each frame, one way",
+                )
+            )
     return out
 
 
-def run(trials: int = 7, diagnose: bool = False) -> list[Row]:
-    """Measure and return the rows (for run_all)."""
-    variants = VARIANTS + DIAGNOSTIC if diagnose else VARIANTS
+def _curve_rows(
+    size: int,
+    by: dict[str, list[Trial]],
+    tput: dict[str, list[float]],
+    best: dict[str, float],
+    med: dict[str, float],
+) -> list[Row]:
+    """ours-curve / raw-curve (target as in clear), CURVE / plain both ways, CPU."""
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(tput[a], tput[b], strict=True))
+
+    raw = "raw-curve-8MiB"
+    cpu = {v: statistics.median(x[2] for x in by[v]) for v in ("ours-curve", raw)}
+    return [
+        Row(
+            f"{size} MB ours-curve / raw-curve",
+            ratio("ours-curve", raw),
+            "x",
+            TARGET,
+            better="higher",
+            note="median of per-trial ratios; best-of-trials "
+            f"{best['ours-curve'] / best[raw]:.2f}, medians {med['ours-curve'] / med[raw]:.2f}",
+        ),
+        Row(
+            f"{size} MB CURVE / plain, ours",
+            ratio("ours-curve", "ours"),
+            "x",
+            note="ours-curve / ours, median of per-trial ratios (libsodium: expect ~0.5)",
+        ),
+        Row(
+            f"{size} MB CURVE / plain, raw",
+            ratio(raw, "raw-8MiB"),
+            "x",
+            note="raw-curve-8MiB / raw-8MiB, median of per-trial ratios",
+        ),
+        Row(
+            f"{size} MB receiver CPU, ours-curve - raw-curve",
+            (cpu["ours-curve"] - cpu[raw]) * 1e3,
+            "ms/msg",
+            note=f"ours-curve {cpu['ours-curve'] * 1e3:.3g}, raw-curve {cpu[raw] * 1e3:.3g} "
+            "ms/message (median trial)",
+        ),
+    ]
+
+
+def run(trials: int = 7, diagnose: bool = False, curve: bool = True) -> list[Row]:
+    """Measure and return the rows (for run_all); `curve` adds the CurveZMQ variants."""
+    base = VARIANTS if curve else PLAIN
+    variants = base + DIAGNOSTIC if diagnose else base
     results = measure(trials, variants=variants)
-    return rows(results, decode_cost() if diagnose else None)
+    return rows(
+        results,
+        decode_cost() if diagnose else None,
+        sodium_speed() if diagnose and curve else None,
+    )
 
 
 def main() -> None:
@@ -403,7 +574,11 @@ def main() -> None:
     p.add_argument(
         "--diagnose",
         action="store_true",
-        help="also run ours without decode and ours with SNDHWM 1000, and time decode",
+        help="also run ours without decode, ours with SNDHWM 1000 and raw-checked; time "
+        "decode and (with CURVE) libsodium alone",
+    )
+    p.add_argument(
+        "--no-curve", action="store_true", help="leave out the CurveZMQ variants (in clear only)"
     )
     add_quiet_arg(p)
     args = p.parse_args()
@@ -415,7 +590,7 @@ def main() -> None:
     ]
     print_table(
         "transport: model-message path vs raw pyzmq (tcp, 127.0.0.1, 2 processes)",
-        run(args.trials, args.diagnose),
+        run(args.trials, args.diagnose, not args.no_curve),
         notes,
     )
 
