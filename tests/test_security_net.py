@@ -4,6 +4,7 @@ under attack, and the CLI around keys."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -479,3 +480,39 @@ def test_per_host_deployment_with_keys(tmp_path, cli_procs):
         assert rows[-1]["round"] == 10 and all(r["neighbours_missing"] == [] for r in rows[1:])
         log = read_jsonl(out / "logs" / f"peer-{i}.jsonl")
         assert not [e for e in log if e["event"] == "message_dropped"]
+
+
+def test_crash_and_rejoin_over_curve(make_scenario, launch_run):
+    """With keys: peer 2 of a ring is killed at round 5, restarted from its checkpoint
+    with the same key, caught up by its neighbours over CURVE, and finishes."""
+    scenario = make_scenario(
+        {
+            "name": "curve-rejoin",
+            "topology": {"kind": "ring", "peers": 4},
+            "model": {"kind": "logreg"},
+            "gossip": {"round_timeout_s": 10.0, "peer_timeout_s": 1.0, "heartbeat_s": 0.25},
+            "training": {"rounds": 40, "local_epochs": 1},
+            "faults": {
+                "crash": [{"peer": 2, "at_round": 5, "rejoin_after_s": 0.5}],
+                "slow": [{"peer": 0, "delay_s": 0.1}],
+            },
+            "security": {"keys": "auto"},
+        }
+    )
+    run = launch_run(scenario, "rejoin")
+    rc, out = run.wait(timeout=240)
+    assert rc == 0, out
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["completed_peers"] == [0, 1, 2, 3] and summary["rejoined_peers"] == [2]
+    log = read_jsonl(run.out / "logs" / "peer-2.jsonl")
+    [caught] = [e for e in log if e["event"] == "caught_up"]
+    assert sorted(caught["neighbours"]) == ["1", "3"]
+    rows = read_jsonl(run.out / "peer-2.jsonl")
+    assert rows[-1]["round"] == 40 and rows[-1]["neighbours_heard"] == [1, 3]
+    for j in (1, 3):  # nothing of the restarted peer's was refused: same key, same id
+        drops = [
+            e
+            for e in read_jsonl(run.out / "logs" / f"peer-{j}.jsonl")
+            if e["event"] == "message_dropped"
+        ]
+        assert not [e for e in drops if "key" in e["reason"] or "mismatch" in e["reason"]], drops
