@@ -148,3 +148,64 @@ def test_defaults_and_calibration_from_the_scenario():
     )
     assert privacy.release_epsilon(target, 20) <= 5.0
     assert privacy.release_epsilon(target, 20) == pytest.approx(5.0, rel=0.02)
+
+
+def test_central_mean_clips_each_update_and_noises_the_sum_once():
+    dp = privacy.UpdateDp(clip=1.0, sigma=1e-7, delta=1e-5, where="server", q=0.5)
+    g = np.zeros(4, np.float32)
+    models = np.array([[10.0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, -3.0, 4.0]], np.float32)
+    out = np.asarray(privacy.central_mean(g, models, dp, 4.0, privacy.noise_key(0, 8, 1)))
+    # each update clipped to norm 1, summed, over the fixed denominator 4 (not 3)
+    np.testing.assert_allclose(out, [0.25, 0.125, -0.15, 0.2], atol=1e-5)
+    # one peer more or less moves the result by at most clip / expected
+    fewer = np.asarray(privacy.central_mean(g, models[1:], dp, 4.0, privacy.noise_key(0, 8, 1)))
+    assert np.linalg.norm(out - fewer) <= 1.0 / 4.0 + 1e-6
+    loud = privacy.UpdateDp(clip=2.0, sigma=3.0, delta=1e-5, where="server", q=0.5)
+    noise = np.asarray(
+        privacy.central_mean(
+            np.zeros(100_000, np.float32),
+            np.zeros((2, 100_000), np.float32),
+            loud,
+            5.0,
+            privacy.noise_key(0, 8, 1),
+        )
+    )
+    assert noise.std() == pytest.approx(3.0 * 2.0 / 5.0, rel=0.02)
+
+
+def test_poisson_sampling_takes_each_peer_with_the_fraction():
+    from p2pfl.protocol.fedavg_rounds import sample
+
+    live = list(range(200))
+    sizes = [
+        len(sample(live, r, seed=1, fraction=0.3, min_updates=1, poisson=True))
+        for r in range(1, 101)
+    ]
+    assert 0.27 < np.mean(sizes) / 200 < 0.33 and len(set(sizes)) > 5  # sizes vary
+    assert sample(live, 5, seed=1, fraction=0.3, min_updates=1, poisson=True) == sample(
+        live, 5, seed=1, fraction=0.3, min_updates=1, poisson=True
+    )
+    assert len(sample(live, 5, seed=1, fraction=0.3, min_updates=1)) == 60  # fixed size
+
+
+def test_central_dp_is_for_the_centralized_mean_and_amplified():
+    with pytest.raises(ScenarioError, match=r"where = 'server' .* mode = 'centralized'"):
+        parse({"privacy": {"mechanism": "update", "where": "server"}})
+    with pytest.raises(ScenarioError, match=r"centralized.aggregator = 'median'"):
+        parse(
+            {
+                "mode": "centralized",
+                "centralized": {"aggregator": "median"},
+                "privacy": {"mechanism": "update", "where": "server"},
+            }
+        )
+    raw = {"mode": "centralized", "centralized": {"fraction": 0.25}, "training": {"rounds": 30}}
+    central = update_dp(
+        parse({**raw, "privacy": {"mechanism": "update", "where": "server", "target_epsilon": 2.0}})
+    )
+    local = update_dp(parse({**raw, "privacy": {"mechanism": "update", "target_epsilon": 2.0}}))
+    assert central.q == 0.25 and local.q == 1.0
+    assert central.sigma < local.sigma  # sampling amplifies: less noise for the same ε
+    assert privacy.release_epsilon(central, 30) == pytest.approx(2.0, rel=0.02)
+    assert privacy.spent(central, 0, 7) == privacy.Spent(privacy.release_epsilon(central, 7), 7)
+    assert privacy.spent(local, 3, 7).steps == 3

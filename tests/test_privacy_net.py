@@ -23,20 +23,24 @@ pytestmark = pytest.mark.slow
 DP = {"mechanism": "update", "clip": 0.5, "noise_multiplier": 0.8}
 
 
-@pytest.mark.parametrize("mode", ["gossip", "centralized"])
-def test_epsilon_is_recomputable_and_both_engines_agree(make_scenario, launch_run, tmp_path, mode):
-    """4 peers, 8 rounds (centralized: half sampled a round): every line's ε is RDP's for
-    (q, σ, its dp_steps, δ) from summary.json; the simulator gives the same ε per line
-    and the same noised final models within float32 tolerance."""
+@pytest.mark.parametrize(
+    "mode, where", [("gossip", "peer"), ("centralized", "peer"), ("centralized", "server")]
+)
+def test_epsilon_is_recomputable_and_both_engines_agree(
+    make_scenario, launch_run, tmp_path, mode, where
+):
+    """4 peers, 8 rounds (centralized: half sampled a round; central DP: Poisson): every
+    line's ε is RDP's for (q, σ, its dp_steps, δ) from summary.json; the simulator gives
+    the same ε per line and the same noised final models within float32 tolerance."""
     scenario = make_scenario(
         {
-            "name": f"dp-{mode}",
+            "name": f"dp-{mode}-{where}",
             "mode": mode,
             "topology": {"kind": "ring", "peers": 4},
             "model": {"kind": "logreg"},
             "training": {"rounds": 8, "local_epochs": 1},
             "centralized": {"fraction": 0.5},
-            "privacy": DP,
+            "privacy": {**DP, "where": where},
         }
     )
     rc, out = launch_run(scenario, "launch").wait(timeout=240)
@@ -48,7 +52,8 @@ def test_epsilon_is_recomputable_and_both_engines_agree(make_scenario, launch_ru
         e: json.loads((tmp_path / e / "summary.json").read_text()) for e in ("launch", "sim")
     }
     block = summaries["launch"]["privacy"]
-    assert block["q"] == 1.0 and block["noise_multiplier"] == 0.8 and block["clip"] == 0.5
+    assert block["q"] == (0.5 if where == "server" else 1.0) and block["where"] == where
+    assert block["noise_multiplier"] == 0.8 and block["clip"] == 0.5
     assert block["delta"] == 1e-5 and block["accountant"] == "rdp"
     assert summaries["sim"]["privacy"] == block
     for i in range(4):
@@ -66,12 +71,16 @@ def test_epsilon_is_recomputable_and_both_engines_agree(make_scenario, launch_ru
         steps = [r["dp_steps"] for r in rows]
         if mode == "gossip":
             assert steps == list(range(9))
+        elif where == "server":  # central DP: every round so far is a step
+            assert steps == [r["round"] for r in rows]
         else:  # one release per round the peer was sampled in, no more
             server = read_jsonl(tmp_path / "launch" / "coordinator.jsonl")
             taken = sum(i in s["participants"] for s in server[1:])
             assert steps[-1] == taken and 0 < taken < 8
         sim_rows = read_jsonl(tmp_path / "sim" / f"peer-{i}.jsonl")
         assert [r["epsilon"] for r in sim_rows] == [r["epsilon"] for r in rows]
+        if where == "server":  # the peers' models went to the server in clear
+            assert read_jsonl(tmp_path / "launch" / f"peer-{i}.jsonl")[-1]["dp_steps"] == 8
         ours = np.load(tmp_path / "launch" / "models" / f"peer-{i}.npz")["params"]
         theirs = np.load(tmp_path / "sim" / "models" / f"peer-{i}.npz")["params"]
         np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -128,6 +128,19 @@ def _check_privacy(s: Scenario) -> None:
             "privacy.target_epsilon and privacy.noise_multiplier are both set: the target "
             "calibrates the noise multiplier, leave one out"
         )
+    if p.where == "server":
+        if s.mode != "centralized":
+            raise ScenarioError(
+                "privacy.where = 'server' is central DP at the FedAvg server: it needs "
+                f"mode = 'centralized' (here {s.mode!r}); gossip has no server: use "
+                "where = 'peer' (each peer noises what it sends)"
+            )
+        if s.centralized.aggregator != "mean":
+            raise ScenarioError(
+                f"privacy.where = 'server' with centralized.aggregator = "
+                f"{s.centralized.aggregator!r}: central DP clips and sums the updates "
+                "(a mean with a fixed denominator); robust rules have no accounted noise"
+            )
     if s.training.rounds == 0:
         raise ScenarioError(
             "privacy.mechanism = 'update' with training.rounds = 0: nothing to protect"

@@ -84,7 +84,7 @@ class GossipPlan:
     learning: LearningSpec
     resume: bool = False
     keys: Keyring | None = None  # CURVE: its pair, its neighbours' (and coordinator's) keys
-    privacy: UpdateDp | None = None  # [privacy] mechanism = "update": local DP
+    privacy: UpdateDp | None = None  # [privacy] mechanism = "update" (local or central)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ClientPlan:
     learning: LearningSpec
     resume: bool = False
     keys: Keyring | None = None  # CURVE: its pair and the coordinator's key
-    privacy: UpdateDp | None = None  # [privacy] mechanism = "update": local DP
+    privacy: UpdateDp | None = None  # [privacy] mechanism = "update" (local or central)
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,7 @@ class ServerPlan:
     aggregator: ServerAggregator
     learning: LearningSpec
     keys: Keyring | None = None  # CURVE: the coordinator's pair and every peer's key
+    privacy: UpdateDp | None = None  # central DP (where = "server"): replaces `aggregator`
 
 
 @dataclass(frozen=True)
@@ -292,11 +293,11 @@ def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> C
     )
 
 
-def server_plan(s: Scenario, out: Path) -> ServerPlan:
-    """The FedAvg server of a centralized run."""
+def _server_config(s: Scenario) -> ServerConfig:
+    """The FedAvg server machine's settings (the server's, and the simulator's)."""
     c = s.centralized
-    control, updates = s.coordinator_addresses()
-    server = ServerConfig(
+    dp = update_dp(s)
+    return ServerConfig(
         peers=s.peers,
         rounds=s.training.rounds,
         seed=s.seed,
@@ -309,7 +310,15 @@ def server_plan(s: Scenario, out: Path) -> ServerPlan:
         peer_timeout_s=c.peer_timeout_s,
         coordinator_timeout_s=c.coordinator_timeout_s,
         weighting=c.weighting,
+        poisson=dp is not None and dp.where == "server",
     )
+
+
+def server_plan(s: Scenario, out: Path) -> ServerPlan:
+    """The FedAvg server of a centralized run."""
+    control, updates = s.coordinator_addresses()
+    dp = update_dp(s)
+    server = _server_config(s)
     return ServerPlan(
         run=_run(s, out),
         control=control,
@@ -318,6 +327,7 @@ def server_plan(s: Scenario, out: Path) -> ServerPlan:
         aggregator=_server_rule(s),
         learning=learning_spec(s),
         keys=node_keys(s, out, s.peers, range(s.peers)),
+        privacy=dp if dp is not None and dp.where == "server" else None,
     )
 
 
@@ -420,7 +430,7 @@ def sim_plan(
         mixing=gs.mixing,
         aggregator=_gossip_rule(s),
         catch_up=_catch_up(s),
-        server=server_plan(s, out).server,
+        server=_server_config(s),
         server_aggregator=_server_rule(s),
         transforms={
             i: _transform(s, i) for i, f in byzantine.items() if f.attack in OUTGOING_ATTACKS

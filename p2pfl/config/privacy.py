@@ -1,9 +1,10 @@
 """`[privacy]` resolved: the DP mechanism a run's peers apply, its noise calibrated.
 
 With `target_epsilon`, the noise multiplier is the smallest one whose ε after the
-scenario's rounds (one release per round: the most a peer can make) is at most the
-target at the run's δ; the calibration runs once per process (cached) and an
-unreachable target is a ScenarioError naming the field.
+scenario's rounds (one step per round: the most a peer can spend; sampled at
+`centralized.fraction` for central DP) is at most the target at the run's δ; the
+calibration runs once per process (cached) and an unreachable target is a
+ScenarioError naming the field.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from p2pfl.core.privacy import Accountant, UpdateDp, calibrate
 
 
 @functools.lru_cache(maxsize=16)
-def _calibrated(target: float, releases: int, delta: float, accountant: Accountant) -> float:
+def _calibrated(
+    target: float, q: float, releases: int, delta: float, accountant: Accountant
+) -> float:
     try:
-        return calibrate(target, 1.0, releases, delta, accountant)
+        return calibrate(target, q, releases, delta, accountant)
     except ValueError as exc:
         raise ScenarioError(f"privacy.target_epsilon = {target:g}: {exc}") from None
 
@@ -35,7 +38,8 @@ def update_dp(s: Scenario) -> UpdateDp | None:
     if p.mechanism == "none":
         return None
     delta = p.resolved_delta(s.peers)
+    q = s.centralized.fraction if p.where == "server" else 1.0
     sigma = 1.0 if p.noise_multiplier is None else p.noise_multiplier
     if p.target_epsilon is not None:
-        sigma = _calibrated(p.target_epsilon, s.training.rounds, delta, p.accountant)
-    return UpdateDp(p.clip, sigma, delta, p.accountant)
+        sigma = _calibrated(p.target_epsilon, q, s.training.rounds, delta, p.accountant)
+    return UpdateDp(p.clip, sigma, delta, p.accountant, p.where, q)

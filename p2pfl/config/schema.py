@@ -250,7 +250,10 @@ class Privacy(_Section):
     `mechanism = "update"` (participant-level, local DP): each peer clips its round's
     update (trained model minus the model it started from) to `clip` in L2 and adds
     N(0, (noise_multiplier · clip)²) before it keeps and sends it; in gossip every
-    round is a release, in centralized mode every round the peer is sampled in. ε at
+    round is a release, in centralized mode every round the peer is sampled in.
+    `where = "server"` (centralized only: central DP) instead has the server clip each
+    update and noise their sum, sampling each peer with probability
+    `centralized.fraction` (Poisson) so the sampling amplifies privacy. ε at
     `delta` (default 1e-5, or 1/peers² when smaller) is accounted with `accountant`
     (RDP or PLD, dp-accounting). `target_epsilon` calibrates the noise multiplier
     for the scenario's rounds before anything runs (then leave noise_multiplier out).
@@ -262,6 +265,7 @@ class Privacy(_Section):
     delta: float | None = Field(None, gt=0.0, lt=1.0)
     target_epsilon: float | None = Field(None, gt=0.0)
     accountant: Literal["rdp", "pld"] = "rdp"
+    where: Literal["peer", "server"] = "peer"
 
     def resolved_delta(self, peers: int) -> float:
         """`delta`, or the default: 1e-5 capped at 1/peers² (a peer is the unit)."""

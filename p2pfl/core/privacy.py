@@ -57,36 +57,83 @@ class Spent(NamedTuple):
 
 
 class UpdateDp(NamedTuple):
-    """Participant-level DP of one run: each release is one Gaussian mechanism."""
+    """Participant-level DP of one run: each release is one Gaussian mechanism.
+
+    `where = "peer"` (local DP): each peer privatizes its own update (`privatize`), one
+    release per round it trains in, no amplification (q = 1). `where = "server"`
+    (central DP, centralized mode): peers send their models in clear to the server,
+    which clips each update and noises their sum (`central_mean`); the server samples
+    each peer with probability `q` (Poisson), so every peer composes one sampled
+    Gaussian per round, sampled or not.
+    """
 
     clip: float  # L2 bound on a peer's update
     sigma: float  # noise multiplier: the noise std is sigma * clip
     delta: float
     accountant: Accountant = "rdp"
+    where: Literal["peer", "server"] = "peer"
+    q: float = 1.0  # central: the server's Poisson sampling rate (centralized.fraction)
 
     def schedule(self) -> DpSchedule:
-        """One unsampled Gaussian per release: what the peer's ε composes."""
-        return DpSchedule(1.0, self.sigma, 1, self.delta)
+        """One (sampled) Gaussian per step: what the peer's ε composes."""
+        return DpSchedule(self.q, self.sigma, 1, self.delta)
 
     def as_dict(self) -> dict[str, Any]:
         """The settings and the accountant's inputs, as `summary.json` records them: ε
-        after k releases is the accountant's for k steps of (q, noise_multiplier)."""
+        after k steps is the accountant's for k steps of (q, noise_multiplier)."""
+        steps = (
+            "one per round the peer trains in (its releases)"
+            if self.where == "peer"
+            else "one per round (every peer, sampled or not: Poisson amplification)"
+        )
         return {
             "mechanism": "update",
-            "where": "peer",
+            "where": self.where,
             "clip": self.clip,
             "noise_multiplier": self.sigma,
             "delta": self.delta,
             "accountant": self.accountant,
             **self.schedule().as_dict(),
-            "steps": "one per round the peer trains in (its releases)",
+            "steps": steps,
         }
 
 
 @functools.lru_cache(maxsize=4096)
-def release_epsilon(dp: UpdateDp, releases: int) -> float:
-    """A peer's ε at `dp.delta` after `releases` releases of the update mechanism."""
-    return epsilon(1.0, dp.sigma, releases, dp.delta, dp.accountant)
+def release_epsilon(dp: UpdateDp, steps: int) -> float:
+    """A peer's ε at `dp.delta` after `steps` steps of the mechanism (`schedule`)."""
+    return epsilon(dp.q, dp.sigma, steps, dp.delta, dp.accountant)
+
+
+def spent(dp: UpdateDp, releases: int, round_: int) -> Spent:
+    """A peer's budget after round `round_`: local DP composes its `releases`, central
+    DP every round so far (sampled or not, amplified by the sampling)."""
+    steps = releases if dp.where == "peer" else round_
+    return Spent(release_epsilon(dp, steps), steps)
+
+
+def central_mean(
+    global_: ArrayLike, models: ArrayLike, dp: UpdateDp, expected: float, key: jax.Array
+) -> jax.Array:
+    """Central DP FedAvg (McMahan et al. 2018): `global + (Σ clip(m_i - global) +
+    N(0, (σ·clip)²)) / expected`, the denominator fixed (q × the peers live when the
+    round was sampled) so one peer changes the sum by at most `clip`."""
+    g = jnp.asarray(global_, jnp.float32)
+    m = jnp.asarray(models, jnp.float32).reshape(-1, g.shape[0])
+    return _central(g, m, jnp.float32(dp.clip), jnp.float32(dp.sigma), jnp.float32(expected), key)
+
+
+@jax.jit
+def _central(
+    g: jax.Array,
+    m: jax.Array,
+    clip: jax.Array,
+    sigma: jax.Array,
+    expected: jax.Array,
+    key: jax.Array,
+) -> jax.Array:
+    clipped = jax.vmap(lambda u: clip_l2(u, clip))(m - g)
+    noise = sigma * clip * jax.random.normal(key, g.shape, jnp.float32)
+    return g + (clipped.sum(axis=0) + noise) / jnp.maximum(expected, 1e-12)
 
 
 def noise_key(seed: int, peer: ArrayLike, round_: ArrayLike) -> jax.Array:

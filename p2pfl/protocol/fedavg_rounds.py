@@ -69,13 +69,24 @@ class ClosedRound:
 
 
 def sample(
-    live: Sequence[int], round_: int, *, seed: int, fraction: float, min_updates: int
+    live: Sequence[int],
+    round_: int,
+    *,
+    seed: int,
+    fraction: float,
+    min_updates: int,
+    poisson: bool = False,
 ) -> tuple[int, ...]:
     """Round `round_`'s sample of the fresh peers `live` (sorted), reproducibly.
 
     k = min(n, max(min_updates, ceil(fraction * n))) of the n, drawn without replacement
-    from the numpy stream `[seed, SAMPLE, round]`; returned sorted.
+    from the numpy stream `[seed, SAMPLE, round]`; returned sorted. With `poisson`
+    (central DP) each peer is taken independently with probability `fraction`, from
+    the same stream: the sample size varies, as the accountant's amplification needs.
     """
+    if poisson:
+        taken = rng(seed, SAMPLE, round_).random(len(live)) < fraction
+        return tuple(sorted(int(i) for i, t in zip(live, taken, strict=True) if t))
     k = min(len(live), max(min_updates, math.ceil(fraction * len(live))))
     draw = rng(seed, SAMPLE, round_).choice(list(live), size=k, replace=False)
     return tuple(sorted(int(i) for i in draw))

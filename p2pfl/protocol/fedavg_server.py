@@ -64,6 +64,7 @@ class ServerConfig:
     peer_timeout_s: float = 10.0  # a peer silent this long is not sampled, nor heartbeated
     coordinator_timeout_s: float = 10.0  # the peers' patience: the bye wait is at least this
     weighting: Literal["samples", "uniform"] = "samples"
+    poisson: bool = False  # central DP: each peer sampled independently (see `sample`)
 
 
 @dataclass
@@ -253,7 +254,12 @@ class FedAvgServer:
         """Open the round: start_round with the global model to a seeded sample of `live`."""
         c = self.config
         sampled = sample(
-            live, self.round, seed=c.seed, fraction=c.fraction, min_updates=c.min_updates
+            live,
+            self.round,
+            seed=c.seed,
+            fraction=c.fraction,
+            min_updates=c.min_updates,
+            poisson=c.poisson,
         )
         self.open = _Round(
             sampled=sampled,

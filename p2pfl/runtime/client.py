@@ -125,7 +125,7 @@ class FedClient:
             train_s=mine.train_s if mine else 0.0,
             eval_s=eval_s,
             disagreement=disagreement,
-            dp=self.learner.spent,
+            dp=self.learner.spent(round_),
         )
         self.recorded = round_
 

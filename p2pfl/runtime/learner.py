@@ -32,7 +32,6 @@ class Trained:
     model: np.ndarray  # this peer's own model after training
     sent: np.ndarray  # what it sends: the transform's output (the model itself if honest)
     train_s: float  # training alone, without the injected straggling
-    epsilon: float | None = None  # with [privacy]: the peer's ε after this release
 
 
 class Learner:
@@ -60,29 +59,21 @@ class Learner:
         t = time.perf_counter()
         start = state.params
         state, loss = self.local.trainer.train(state, self.local.data.train)
-        epsilon = None
-        if self.dp is not None:
+        if self.dp is not None and self.dp.where == "peer":
             key = privacy.noise_key(self.seed, self.peer_id, round_)
             state = self.with_params(state, privacy.privatize(start, state.params, self.dp, key))
             self.releases += 1
-            epsilon = privacy.release_epsilon(self.dp, self.releases)
         model = as_numpy(state.params)
         train_s = time.perf_counter() - t
         if delay := self.faults.slow_delay_s:
             time.sleep(delay)  # an injected straggler (faults.slow), on purpose
         sent, self._transform_state = self._transform.apply(model, self._transform_state)
-        return Trained(state, float(loss), model, np.asarray(sent), train_s, epsilon)
+        return Trained(state, float(loss), model, np.asarray(sent), train_s)
 
-    @property
-    def epsilon(self) -> float | None:
-        """The peer's ε so far (None without [privacy])."""
-        return None if self.dp is None else privacy.release_epsilon(self.dp, self.releases)
-
-    @property
-    def spent(self) -> privacy.Spent | None:
-        """What a history line carries of the peer's DP: ε and the steps it composes."""
-        eps = self.epsilon
-        return None if eps is None else privacy.Spent(eps, self.releases)
+    def spent(self, round_: int) -> privacy.Spent | None:
+        """What round `round_`'s history line carries of the peer's DP: its ε and the
+        steps composed (local DP: its releases; central DP: every round so far)."""
+        return None if self.dp is None else privacy.spent(self.dp, self.releases, round_)
 
     def evaluate(self, params: FlatParams | np.ndarray) -> tuple[float, float | None, float]:
         """(own test accuracy, holdout accuracy or None, seconds it took)."""

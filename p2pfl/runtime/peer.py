@@ -217,7 +217,7 @@ class GossipPeer:
             heard=got.heard,
             missing=got.missing,
             disagreement=spread,
-            dp=self.learner.spent,
+            dp=self.learner.spent(round_),
         )
         if p.run.every_round:
             path = p.run.out / "models" / f"round-{round_}" / f"peer-{self.id}.npz"
@@ -249,7 +249,7 @@ class GossipPeer:
             holdout_accuracy=hold_acc,
             evaluated_on="initial",
             eval_s=eval_s,
-            dp=self.learner.spent,
+            dp=self.learner.spent(0),
         )
         return initial, 0
 

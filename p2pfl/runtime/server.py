@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
+from p2pfl.core import privacy
 from p2pfl.net.transport import Hub
 from p2pfl.protocol import wire
 from p2pfl.protocol.fedavg_server import ClosedRound, FedAvgServer, stack_updates
@@ -125,7 +126,14 @@ class FedServer:
         t = time.perf_counter()
         model = self.machine.model
         if closed.weights:  # quorum_missed: the global model is kept
-            model = np.asarray(self.plan.aggregator(*stack_updates(closed)))
+            models, weights = stack_updates(closed)
+            dp = self.plan.privacy
+            if dp is None:
+                model = np.asarray(self.plan.aggregator(models, weights))
+            else:  # central DP: clipped sum + noise over a fixed denominator
+                key = privacy.noise_key(self.plan.run.seed, self.plan.run.peers, closed.round)
+                expected = dp.q * len(closed.connected)
+                model = np.asarray(privacy.central_mean(model, models, dp, expected, key))
         aggregate_s = time.perf_counter() - t
         self.port.carry_out(self.machine.close_round(model, time.monotonic()))
         self._record(closed.round, closed, closed.started, aggregate_s)

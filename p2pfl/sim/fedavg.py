@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p2pfl.core import streams
+from p2pfl.core import privacy, streams
 from p2pfl.protocol.fedavg_client import lines_on_adopt
 from p2pfl.protocol.fedavg_rounds import close_reason, sample
 from p2pfl.record.history import ServerRecord
@@ -55,7 +55,12 @@ class CentralizedRun(Run):
         for r in range(1, p.run.rounds + 1):
             live = [int(i) for i in everyone[self.schedule.alive(r)]]
             sampled = sample(
-                live, r, seed=cfg.seed, fraction=cfg.fraction, min_updates=cfg.min_updates
+                live,
+                r,
+                seed=cfg.seed,
+                fraction=cfg.fraction,
+                min_updates=cfg.min_updates,
+                poisson=cfg.poisson,
             )
             dying = self.schedule.sampled(r, sampled)
             rows = np.array([i for i in sampled if i not in dying], int)
@@ -81,7 +86,14 @@ class CentralizedRun(Run):
             if closed_by != "quorum_missed" and accepted:
                 counts = self.pop.n_train[accepted].astype(np.float64)
                 w = np.ones(len(accepted)) if cfg.weighting == "uniform" else counts
-                global_model = jnp.asarray(p.server_aggregator(sent[finite], w), jnp.float32)
+                if p.privacy is not None and p.privacy.where == "server":  # central DP
+                    key = privacy.noise_key(p.run.seed, n, r)
+                    expected = p.privacy.q * len(live)
+                    global_model = privacy.central_mean(
+                        global_model, sent[finite], p.privacy, expected, key
+                    )
+                else:
+                    global_model = jnp.asarray(p.server_aggregator(sent[finite], w), jnp.float32)
                 ls = np.asarray(losses)[finite]
                 loss = float((counts * ls).sum() / counts.sum())
             aggregate_s = time.perf_counter() - t

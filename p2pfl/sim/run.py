@@ -85,8 +85,8 @@ class Run:
         raise NotImplementedError
 
     def line(self, peer: int, round_: int, **fields: Any) -> None:
-        dp, steps = self.plan.privacy, int(self.releases[peer])
-        spent = None if dp is None else privacy.Spent(privacy.release_epsilon(dp, steps), steps)
+        dp = self.plan.privacy
+        spent = None if dp is None else privacy.spent(dp, int(self.releases[peer]), round_)
         record = simulated(
             round_, t=time.perf_counter() - self.t0, wall=time.time(), dp=spent, **fields
         )
@@ -96,7 +96,7 @@ class Run:
         """[privacy]: the trained states of peers `rows` with each update clipped and
         noised (`core.privacy`, as a networked peer does), from their current models."""
         dp = self.plan.privacy
-        if dp is None:
+        if dp is None or dp.where != "peer":
             return trained
         start = self.states.params[jnp.asarray(rows)]
         params = privacy.privatize_many(start, trained.params, dp, self.plan.run.seed, rows, round_)
