@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 import dp_accounting
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
 
 from p2pfl.config.loader import parse
-from p2pfl.config.privacy import update_dp
+from p2pfl.config.privacy import dp_plan
 from p2pfl.config.schema import ScenarioError
 from p2pfl.core import privacy
 
@@ -55,7 +56,7 @@ def test_calibration_meets_the_target_and_refuses_the_impossible():
 
 
 def test_update_is_clipped_then_noised():
-    dp = privacy.UpdateDp(clip=0.5, sigma=1e-6, delta=1e-5)
+    dp = privacy.DpPlan(clip=0.5, sigma=1e-6, delta=1e-5)
     start = np.zeros(1000, np.float32)
     huge = start + 1e6  # a huge learning rate's update
     out = np.asarray(privacy.privatize(start, huge, dp, privacy.noise_key(0, 3, 1)))
@@ -67,7 +68,7 @@ def test_update_is_clipped_then_noised():
 
 
 def test_noise_has_the_declared_scale_and_depends_on_seed_peer_round():
-    dp = privacy.UpdateDp(clip=2.0, sigma=1.5, delta=1e-5)
+    dp = privacy.DpPlan(clip=2.0, sigma=1.5, delta=1e-5)
     start = np.zeros(200_000, np.float32)
     noise = np.asarray(privacy.privatize(start, start, dp, privacy.noise_key(7, 2, 4)))
     assert noise.std() == pytest.approx(3.0, rel=0.01) and abs(noise.mean()) < 0.02
@@ -82,7 +83,7 @@ def test_noise_has_the_declared_scale_and_depends_on_seed_peer_round():
 
 
 def test_the_simulators_batched_noise_is_each_peers_own():
-    dp = privacy.UpdateDp(clip=1.0, sigma=0.7, delta=1e-5)
+    dp = privacy.DpPlan(clip=1.0, sigma=0.7, delta=1e-5)
     rng = np.random.default_rng(0)
     start = rng.normal(size=(5, 300)).astype(np.float32)
     trained = start + rng.normal(size=(5, 300)).astype(np.float32)
@@ -96,11 +97,11 @@ def test_the_simulators_batched_noise_is_each_peers_own():
 
 
 def test_release_epsilon_is_the_accountants():
-    dp = privacy.UpdateDp(clip=1.0, sigma=2.0, delta=1e-6)
+    dp = privacy.DpPlan(clip=1.0, sigma=2.0, delta=1e-6)
     assert privacy.release_epsilon(dp, 0) == 0.0
     for k in (1, 13):
         assert privacy.release_epsilon(dp, k) == pytest.approx(rdp_reference(1.0, 2.0, k, 1e-6))
-    pld = privacy.UpdateDp(clip=1.0, sigma=2.0, delta=1e-6, accountant="pld")
+    pld = privacy.DpPlan(clip=1.0, sigma=2.0, delta=1e-6, accountant="pld")
     acc = dp_accounting.pld.PLDAccountant()
     acc.compose(dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(2.0), 13))
     assert privacy.release_epsilon(pld, 13) == pytest.approx(acc.get_epsilon(1e-6))
@@ -130,9 +131,9 @@ def test_bad_privacy_settings_name_the_field(section, match):
 
 
 def test_defaults_and_calibration_from_the_scenario():
-    assert update_dp(parse({})) is None
-    dp = update_dp(parse({"privacy": {"mechanism": "update"}}))
-    assert dp == privacy.UpdateDp(1.0, 1.0, 1e-5, "rdp")
+    assert dp_plan(parse({})) is None
+    dp = dp_plan(parse({"privacy": {"mechanism": "update"}}))
+    assert dp == privacy.DpPlan(1.0, 1.0, 1e-5, "rdp", batch_size=32, local_epochs=2)
     many = parse(
         {
             "topology": {"kind": "ring", "peers": 1000},
@@ -140,8 +141,8 @@ def test_defaults_and_calibration_from_the_scenario():
             "privacy": {"mechanism": "update"},
         }
     )
-    assert update_dp(many).delta == pytest.approx(1e-6)  # 1/peers² below 1e-5
-    target = update_dp(
+    assert dp_plan(many).delta == pytest.approx(1e-6)  # 1/peers² below 1e-5
+    target = dp_plan(
         parse(
             {"training": {"rounds": 20}, "privacy": {"mechanism": "update", "target_epsilon": 5.0}}
         )
@@ -151,7 +152,7 @@ def test_defaults_and_calibration_from_the_scenario():
 
 
 def test_central_mean_clips_each_update_and_noises_the_sum_once():
-    dp = privacy.UpdateDp(clip=1.0, sigma=1e-7, delta=1e-5, where="server", q=0.5)
+    dp = privacy.DpPlan(clip=1.0, sigma=1e-7, delta=1e-5, where="server", q=0.5)
     g = np.zeros(4, np.float32)
     models = np.array([[10.0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, -3.0, 4.0]], np.float32)
     out = np.asarray(privacy.central_mean(g, models, dp, 4.0, privacy.noise_key(0, 8, 1)))
@@ -160,7 +161,7 @@ def test_central_mean_clips_each_update_and_noises_the_sum_once():
     # one peer more or less moves the result by at most clip / expected
     fewer = np.asarray(privacy.central_mean(g, models[1:], dp, 4.0, privacy.noise_key(0, 8, 1)))
     assert np.linalg.norm(out - fewer) <= 1.0 / 4.0 + 1e-6
-    loud = privacy.UpdateDp(clip=2.0, sigma=3.0, delta=1e-5, where="server", q=0.5)
+    loud = privacy.DpPlan(clip=2.0, sigma=3.0, delta=1e-5, where="server", q=0.5)
     noise = np.asarray(
         privacy.central_mean(
             np.zeros(100_000, np.float32),
@@ -200,12 +201,88 @@ def test_central_dp_is_for_the_centralized_mean_and_amplified():
             }
         )
     raw = {"mode": "centralized", "centralized": {"fraction": 0.25}, "training": {"rounds": 30}}
-    central = update_dp(
+    central = dp_plan(
         parse({**raw, "privacy": {"mechanism": "update", "where": "server", "target_epsilon": 2.0}})
     )
-    local = update_dp(parse({**raw, "privacy": {"mechanism": "update", "target_epsilon": 2.0}}))
+    local = dp_plan(parse({**raw, "privacy": {"mechanism": "update", "target_epsilon": 2.0}}))
     assert central.q == 0.25 and local.q == 1.0
     assert central.sigma < local.sigma  # sampling amplifies: less noise for the same ε
     assert privacy.release_epsilon(central, 30) == pytest.approx(2.0, rel=0.02)
-    assert privacy.spent(central, 0, 7) == privacy.Spent(privacy.release_epsilon(central, 7), 7)
+    assert privacy.spent(central, 0, 7) == privacy.Spent(
+        privacy.release_epsilon(central, 7), 7, 0.25
+    )
     assert privacy.spent(local, 3, 7).steps == 3
+
+
+def _mlp_loss():
+    from p2pfl.learning.models import make_model
+
+    model = make_model("mlp", 8, 3, (16,), None)
+    params = model.init(jax.random.PRNGKey(0))
+
+    def one(p, x, y):
+        import optax
+
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x[None]), y[None])[0]
+
+    return params, one
+
+
+def test_dp_sgd_clips_every_example_gradient():
+    from p2pfl.learning.trainer import clipped_example_grads
+
+    params, one = _mlp_loss()
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(0, 50, (40, 8)), jnp.float32)  # huge inputs: huge gradients
+    y = jnp.asarray(rng.integers(0, 3, 40))
+    _, raw = clipped_example_grads(one, params, x, y, 1e9)
+    _, clipped = clipped_example_grads(one, params, x, y, 0.1)
+
+    def norms(tree):
+        return np.sqrt(
+            sum(np.sum(np.asarray(g).reshape(40, -1) ** 2, axis=1) for g in jax.tree.leaves(tree))
+        )
+
+    before, after = norms(raw), norms(clipped)
+    assert (before > 0.1).sum() >= 30  # most needed clipping ...
+    assert after.max() <= 0.1 * (1 + 1e-5)  # ... none is longer than clip after it
+    np.testing.assert_allclose(after[before > 0.1], 0.1, rtol=1e-4)
+    np.testing.assert_allclose(after[before <= 0.1], before[before <= 0.1], rtol=1e-5)
+    small = x / 1e4
+    _, same = clipped_example_grads(one, params, small, y, 1e9)
+    _, kept = clipped_example_grads(one, params, small, y, 10.0)
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(kept), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)  # inside: as is
+
+
+def test_dp_sgd_gradient_sums_the_taken_rows_over_the_expected_batch():
+    from p2pfl.learning.trainer import DpSgd, clipped_example_grads, dp_sgd_gradient
+
+    params, one = _mlp_loss()
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 20))
+    taken = jnp.asarray(rng.random(20) < 0.4)
+    _, g = dp_sgd_gradient(one, params, x, y, taken, DpSgd(0.5, 1e-9), jax.random.PRNGKey(3), 8.0)
+    _, each = clipped_example_grads(one, params, x, y, 0.5)
+    for got, rows in zip(jax.tree.leaves(g), jax.tree.leaves(each), strict=True):
+        want = np.asarray(rows)[np.asarray(taken)].sum(axis=0) / 8.0
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+    _, noisy = dp_sgd_gradient(
+        one, params, x, y, taken * False, DpSgd(0.5, 2.0), jax.random.PRNGKey(3), 8.0
+    )
+    flat = np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree.leaves(noisy)])
+    assert flat.std() == pytest.approx(2.0 * 0.5 / 8.0, rel=0.15)  # noise alone: sigma * clip / B
+
+
+def test_dp_sgd_accounting_per_peer():
+    assert privacy.dp_sgd_schedule(200, 32, 2) == (0.16, 14)
+    assert privacy.dp_sgd_schedule(10, 32, 3) == (1.0, 3)
+    dp = privacy.DpPlan(1.0, 1.1, 1e-5, mechanism="dp_sgd", batch_size=32, local_epochs=2)
+    got = privacy.spent(dp, 5, 9, 200)
+    assert got.steps == 70 and got.q == 0.16
+    assert got.epsilon == pytest.approx(rdp_reference(0.16, 1.1, 70, 1e-5), rel=1e-9)
+    with pytest.raises(ScenarioError, match="target_epsilon with mechanism = 'dp_sgd'"):
+        parse({"privacy": {"mechanism": "dp_sgd", "target_epsilon": 3.0}})
+    with pytest.raises(ScenarioError, match="where = 'server' is for mechanism = 'update'"):
+        parse({"mode": "centralized", "privacy": {"mechanism": "dp_sgd", "where": "server"}})

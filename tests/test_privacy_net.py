@@ -24,23 +24,29 @@ DP = {"mechanism": "update", "clip": 0.5, "noise_multiplier": 0.8}
 
 
 @pytest.mark.parametrize(
-    "mode, where", [("gossip", "peer"), ("centralized", "peer"), ("centralized", "server")]
+    "mode, where, mechanism",
+    [
+        ("gossip", "peer", "update"),
+        ("centralized", "peer", "update"),
+        ("centralized", "server", "update"),
+        ("gossip", "peer", "dp_sgd"),
+    ],
 )
 def test_epsilon_is_recomputable_and_both_engines_agree(
-    make_scenario, launch_run, tmp_path, mode, where
+    make_scenario, launch_run, tmp_path, mode, where, mechanism
 ):
     """4 peers, 8 rounds (centralized: half sampled a round; central DP: Poisson): every
     line's ε is RDP's for (q, σ, its dp_steps, δ) from summary.json; the simulator gives
     the same ε per line and the same noised final models within float32 tolerance."""
     scenario = make_scenario(
         {
-            "name": f"dp-{mode}-{where}",
+            "name": f"dp-{mode}-{where}-{mechanism}",
             "mode": mode,
             "topology": {"kind": "ring", "peers": 4},
             "model": {"kind": "logreg"},
             "training": {"rounds": 8, "local_epochs": 1},
             "centralized": {"fraction": 0.5},
-            "privacy": {**DP, "where": where},
+            "privacy": {**DP, "where": where, "mechanism": mechanism},
         }
     )
     rc, out = launch_run(scenario, "launch").wait(timeout=240)
@@ -52,7 +58,9 @@ def test_epsilon_is_recomputable_and_both_engines_agree(
         e: json.loads((tmp_path / e / "summary.json").read_text()) for e in ("launch", "sim")
     }
     block = summaries["launch"]["privacy"]
-    assert block["q"] == (0.5 if where == "server" else 1.0) and block["where"] == where
+    assert block["where"] == where and block["mechanism"] == mechanism
+    if mechanism == "update":
+        assert block["q"] == (0.5 if where == "server" else 1.0)
     assert block["noise_multiplier"] == 0.8 and block["clip"] == 0.5
     assert block["delta"] == 1e-5 and block["accountant"] == "rdp"
     assert summaries["sim"]["privacy"] == block
@@ -61,7 +69,7 @@ def test_epsilon_is_recomputable_and_both_engines_agree(
         assert rows[0]["epsilon"] == 0.0 and rows[0]["dp_steps"] == 0
         for r in rows[1:]:
             q, sigma, delta, k = (
-                block["q"],
+                r["dp_q"],
                 block["noise_multiplier"],
                 block["delta"],
                 r["dp_steps"],
@@ -69,7 +77,11 @@ def test_epsilon_is_recomputable_and_both_engines_agree(
             want = rdp_reference(q, sigma, k, delta) if k else 0.0
             assert r["epsilon"] == pytest.approx(want, rel=1e-9)
         steps = [r["dp_steps"] for r in rows]
-        if mode == "gossip":
+        if mechanism == "dp_sgd":  # local_epochs 1: ceil(n_local / 32) steps a round
+            n = rows[-1]["dp_steps"] // 8
+            assert n >= 2 and steps == [n * r for r in range(9)]
+            assert 1 / n <= rows[-1]["dp_q"] < 1 / (n - 1)  # 32 / n_local
+        elif mode == "gossip":
             assert steps == list(range(9))
         elif where == "server":  # central DP: every round so far is a step
             assert steps == [r["round"] for r in rows]

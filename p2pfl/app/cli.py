@@ -164,11 +164,11 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from p2pfl.config.privacy import update_dp
+    from p2pfl.config.privacy import dp_plan
     from p2pfl.core.privacy import epsilons
 
     s = roles.scenario(args.scenario)
-    dp = update_dp(s)
+    dp = dp_plan(s)
     console = Console()
     if dp is None:
         console.print(

@@ -14,6 +14,7 @@ from typing import Any
 
 from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.learning.local import DataSpec, LearningSpec, ModelSpec, TrainSpec
+from p2pfl.learning.trainer import DpSgd
 
 # What the Python API takes for a custom model: a factory (n_features, n_classes, key)
 # -> model, or its "package.module:function".
@@ -29,6 +30,16 @@ def _template(s: Scenario, template: str) -> str:
         return template
     folder = str(Path(s.base_dir).absolute())
     return str(Path(folder.replace("{", "{{").replace("}", "}}")) / template)
+
+
+def _dp_sgd(s: Scenario) -> DpSgd | None:
+    """DP-SGD's clip and noise for the trainer (`[privacy] mechanism = "dp_sgd"`)."""
+    from p2pfl.config.privacy import dp_plan
+
+    dp = dp_plan(s)
+    if dp is None or dp.mechanism != "dp_sgd":
+        return None
+    return DpSgd(dp.clip, dp.sigma)
 
 
 def learning_spec(
@@ -79,6 +90,7 @@ def learning_spec(
         learning_rate=t.learning_rate,
         batch_size=t.batch_size,
         local_epochs=t.local_epochs,
+        dp_sgd=_dp_sgd(s),
     )
     spec = LearningSpec(spec_data, spec_model, train)
     if model is not None or data is not None:

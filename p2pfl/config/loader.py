@@ -128,6 +128,17 @@ def _check_privacy(s: Scenario) -> None:
             "privacy.target_epsilon and privacy.noise_multiplier are both set: the target "
             "calibrates the noise multiplier, leave one out"
         )
+    if p.mechanism == "dp_sgd" and p.where == "server":
+        raise ScenarioError(
+            "privacy.where = 'server' is for mechanism = 'update' (the server noises the "
+            "aggregate); dp_sgd noises inside each peer's training: leave where = 'peer'"
+        )
+    if p.mechanism == "dp_sgd" and p.target_epsilon is not None:
+        raise ScenarioError(
+            "privacy.target_epsilon with mechanism = 'dp_sgd' is not supported yet (each "
+            "peer's q and steps depend on its shard size): set privacy.noise_multiplier, "
+            "and `p2pfl privacy SCENARIO` prints the ε it gives"
+        )
     if p.where == "server":
         if s.mode != "centralized":
             raise ScenarioError(
@@ -145,9 +156,9 @@ def _check_privacy(s: Scenario) -> None:
         raise ScenarioError(
             "privacy.mechanism = 'update' with training.rounds = 0: nothing to protect"
         )
-    from p2pfl.config.privacy import update_dp
+    from p2pfl.config.privacy import dp_plan
 
-    update_dp(s)
+    dp_plan(s)
 
 
 def _check_custom(s: Scenario, peer: int | None) -> None:

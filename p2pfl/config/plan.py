@@ -18,7 +18,7 @@ import networkx as nx
 
 from p2pfl.config.learning import DataLike, ModelLike, learning_spec
 from p2pfl.config.loader import graph
-from p2pfl.config.privacy import update_dp
+from p2pfl.config.privacy import dp_plan
 from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.core import streams
 from p2pfl.core.aggregators import (
@@ -29,7 +29,7 @@ from p2pfl.core.aggregators import (
 )
 from p2pfl.core.attacks import dissensus_gains
 from p2pfl.core.graphs import Mixing
-from p2pfl.core.privacy import UpdateDp
+from p2pfl.core.privacy import DpPlan
 from p2pfl.core.transforms import OUTGOING_ATTACKS, ModelTransform, attack_transform, identity
 from p2pfl.learning.local import LearningSpec
 from p2pfl.net.keys import KeyFileError, Keyring, keyring
@@ -84,7 +84,7 @@ class GossipPlan:
     learning: LearningSpec
     resume: bool = False
     keys: Keyring | None = None  # CURVE: its pair, its neighbours' (and coordinator's) keys
-    privacy: UpdateDp | None = None  # [privacy] mechanism = "update" (local or central)
+    privacy: DpPlan | None = None  # [privacy] mechanism = "update" (local or central)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ClientPlan:
     learning: LearningSpec
     resume: bool = False
     keys: Keyring | None = None  # CURVE: its pair and the coordinator's key
-    privacy: UpdateDp | None = None  # [privacy] mechanism = "update" (local or central)
+    privacy: DpPlan | None = None  # [privacy] mechanism = "update" (local or central)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class ServerPlan:
     aggregator: ServerAggregator
     learning: LearningSpec
     keys: Keyring | None = None  # CURVE: the coordinator's pair and every peer's key
-    privacy: UpdateDp | None = None  # central DP (where = "server"): replaces `aggregator`
+    privacy: DpPlan | None = None  # central DP (where = "server"): replaces `aggregator`
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ def gossip_plan(
         learning=learning_spec(s),
         resume=resume,
         keys=node_keys(s, out, peer_id, [*neighbours, *([s.peers] if gs_boot else [])]),
-        privacy=update_dp(s),
+        privacy=dp_plan(s),
     )
 
 
@@ -289,14 +289,14 @@ def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> C
         learning=learning_spec(s),
         resume=resume,
         keys=node_keys(s, out, peer_id, [s.peers]),
-        privacy=update_dp(s),
+        privacy=dp_plan(s),
     )
 
 
 def _server_config(s: Scenario) -> ServerConfig:
     """The FedAvg server machine's settings (the server's, and the simulator's)."""
     c = s.centralized
-    dp = update_dp(s)
+    dp = dp_plan(s)
     return ServerConfig(
         peers=s.peers,
         rounds=s.training.rounds,
@@ -317,7 +317,7 @@ def _server_config(s: Scenario) -> ServerConfig:
 def server_plan(s: Scenario, out: Path) -> ServerPlan:
     """The FedAvg server of a centralized run."""
     control, updates = s.coordinator_addresses()
-    dp = update_dp(s)
+    dp = dp_plan(s)
     server = _server_config(s)
     return ServerPlan(
         run=_run(s, out),
@@ -367,7 +367,7 @@ class SimPlan:
     learning: LearningSpec
     chunk: int  # peers per batched call ([sim] chunk)
     eval_every: int = 1  # gossip: evaluate every this many rounds (and the last)
-    privacy: UpdateDp | None = None  # [privacy] mechanism = "update", as every peer applies it
+    privacy: DpPlan | None = None  # [privacy] mechanism = "update", as every peer applies it
 
 
 def _rounds_until(seconds: float, round_s: float) -> int:
@@ -442,5 +442,5 @@ def sim_plan(
         learning=learning_spec(s, model=model, data=data),
         chunk=s.sim.chunk,
         eval_every=s.sim.eval_every,
-        privacy=update_dp(s),
+        privacy=dp_plan(s),
     )

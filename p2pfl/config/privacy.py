@@ -10,10 +10,10 @@ ScenarioError naming the field.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 from p2pfl.config.schema import Scenario, ScenarioError
-from p2pfl.core.privacy import Accountant, UpdateDp, calibrate
+from p2pfl.core.privacy import Accountant, DpPlan, calibrate
 
 
 @functools.lru_cache(maxsize=16)
@@ -28,11 +28,11 @@ def _calibrated(
 
 def privacy_settings(s: Scenario) -> dict[str, Any] | None:
     """What `summary.json` records of the run's DP (None without it)."""
-    dp = update_dp(s)
+    dp = dp_plan(s)
     return None if dp is None else dp.as_dict()
 
 
-def update_dp(s: Scenario) -> UpdateDp | None:
+def dp_plan(s: Scenario) -> DpPlan | None:
     """The run's participant-level DP (`mechanism = "update"`), or None."""
     p = s.privacy
     if p.mechanism == "none":
@@ -42,4 +42,8 @@ def update_dp(s: Scenario) -> UpdateDp | None:
     sigma = 1.0 if p.noise_multiplier is None else p.noise_multiplier
     if p.target_epsilon is not None:
         sigma = _calibrated(p.target_epsilon, q, s.training.rounds, delta, p.accountant)
-    return UpdateDp(p.clip, sigma, delta, p.accountant, p.where, q)
+    mechanism: Literal["update", "dp_sgd"] = "dp_sgd" if p.mechanism == "dp_sgd" else "update"
+    t = s.training
+    return DpPlan(
+        p.clip, sigma, delta, p.accountant, p.where, q, mechanism, t.batch_size, t.local_epochs
+    )

@@ -247,6 +247,9 @@ class Sim(_Section):
 class Privacy(_Section):
     """Differential privacy of what a peer releases, with ε accounted every round.
 
+    `mechanism = "dp_sgd"` (sample-level, inside local training): per-example gradients
+    clipped to `clip`, N(0, (noise_multiplier · clip)²) on each step's sum, Poisson
+    sampling at rate batch_size / n_local; the ε protects each training record.
     `mechanism = "update"` (participant-level, local DP): each peer clips its round's
     update (trained model minus the model it started from) to `clip` in L2 and adds
     N(0, (noise_multiplier · clip)²) before it keeps and sends it; in gossip every
@@ -259,7 +262,7 @@ class Privacy(_Section):
     for the scenario's rounds before anything runs (then leave noise_multiplier out).
     """
 
-    mechanism: Literal["none", "update"] = "none"
+    mechanism: Literal["none", "dp_sgd", "update"] = "none"
     clip: float = Field(1.0, gt=0.0)
     noise_multiplier: float | None = Field(None, gt=0.0, le=1e4)  # default 1.0 (no target)
     delta: float | None = Field(None, gt=0.0, lt=1.0)

@@ -18,8 +18,11 @@ schedule is written next to the ε it gives, so anyone can recompute it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable
+import logging
+import math
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
@@ -50,14 +53,27 @@ class DpSchedule(NamedTuple):
 
 
 class Spent(NamedTuple):
-    """A peer's privacy budget spent so far: ε at the run's δ after `steps` mechanisms."""
+    """A peer's privacy budget spent so far: ε at the run's δ after `steps` mechanisms,
+    each sampled at rate `q` (what its history line records)."""
 
     epsilon: float
     steps: int
+    q: float
 
 
-class UpdateDp(NamedTuple):
-    """Participant-level DP of one run: each release is one Gaussian mechanism.
+def dp_sgd_schedule(n: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """(Poisson sampling rate, steps per round) of DP-SGD on a peer with `n` samples:
+    each step takes every row with probability batch_size / n (at most 1), and a round
+    runs `local_epochs` × ceil(n / batch_size) steps. What the accountant composes."""
+    n = max(int(n), 1)
+    return min(1.0, batch_size / n), local_epochs * math.ceil(n / batch_size)
+
+
+class DpPlan(NamedTuple):
+    """The DP of one run. `mechanism = "dp_sgd"`: sample-level, inside local training
+    (`learning.trainer`), q and steps per round from each peer's shard size
+    (`dp_sgd_schedule`). `mechanism = "update"`: participant-level, one Gaussian per
+    release.
 
     `where = "peer"` (local DP): each peer privatizes its own update (`privatize`), one
     release per round it trains in, no amplification (q = 1). `where = "server"`
@@ -73,6 +89,9 @@ class UpdateDp(NamedTuple):
     accountant: Accountant = "rdp"
     where: Literal["peer", "server"] = "peer"
     q: float = 1.0  # central: the server's Poisson sampling rate (centralized.fraction)
+    mechanism: Literal["update", "dp_sgd"] = "update"
+    batch_size: int = 0  # dp_sgd: the expected batch (each row taken w.p. batch / n)
+    local_epochs: int = 0  # dp_sgd: epochs of steps per round
 
     def schedule(self) -> DpSchedule:
         """One (sampled) Gaussian per step: what the peer's ε composes."""
@@ -86,8 +105,17 @@ class UpdateDp(NamedTuple):
             if self.where == "peer"
             else "one per round (every peer, sampled or not: Poisson amplification)"
         )
+        extra: dict[str, Any] = {}
+        if self.mechanism == "dp_sgd":
+            steps = "local_epochs * ceil(n_local / batch_size) per round the peer trains in"
+            extra = {
+                "q": "batch_size / n_local per peer (Poisson): dp_q in its history lines",
+                "steps_per_round": steps,
+                "batch_size": self.batch_size,
+                "local_epochs": self.local_epochs,
+            }
         return {
-            "mechanism": "update",
+            "mechanism": self.mechanism,
             "where": self.where,
             "clip": self.clip,
             "noise_multiplier": self.sigma,
@@ -95,24 +123,30 @@ class UpdateDp(NamedTuple):
             "accountant": self.accountant,
             **self.schedule().as_dict(),
             "steps": steps,
+            **extra,
         }
 
 
 @functools.lru_cache(maxsize=4096)
-def release_epsilon(dp: UpdateDp, steps: int) -> float:
+def release_epsilon(dp: DpPlan, steps: int) -> float:
     """A peer's ε at `dp.delta` after `steps` steps of the mechanism (`schedule`)."""
     return epsilon(dp.q, dp.sigma, steps, dp.delta, dp.accountant)
 
 
-def spent(dp: UpdateDp, releases: int, round_: int) -> Spent:
-    """A peer's budget after round `round_`: local DP composes its `releases`, central
-    DP every round so far (sampled or not, amplified by the sampling)."""
+def spent(dp: DpPlan, releases: int, round_: int, n: int = 0) -> Spent:
+    """A peer's budget after round `round_`, `releases` rounds trained, `n` samples:
+    DP-SGD composes its rounds' steps at rate batch / n; local update DP its releases;
+    central DP every round so far (sampled or not, amplified by the sampling)."""
+    if dp.mechanism == "dp_sgd":
+        q, per_round = dp_sgd_schedule(n, dp.batch_size, dp.local_epochs)
+        steps = releases * per_round
+        return Spent(epsilon(q, dp.sigma, steps, dp.delta, dp.accountant), steps, q)
     steps = releases if dp.where == "peer" else round_
-    return Spent(release_epsilon(dp, steps), steps)
+    return Spent(release_epsilon(dp, steps), steps, dp.q)
 
 
 def central_mean(
-    global_: ArrayLike, models: ArrayLike, dp: UpdateDp, expected: float, key: jax.Array
+    global_: ArrayLike, models: ArrayLike, dp: DpPlan, expected: float, key: jax.Array
 ) -> jax.Array:
     """Central DP FedAvg (McMahan et al. 2018): `global + (Σ clip(m_i - global) +
     N(0, (σ·clip)²)) / expected`, the denominator fixed (q × the peers live when the
@@ -157,7 +191,7 @@ def _privatize(
     return start + update + sigma * clip * noise
 
 
-def privatize(start: ArrayLike, trained: ArrayLike, dp: UpdateDp, key: jax.Array) -> jax.Array:
+def privatize(start: ArrayLike, trained: ArrayLike, dp: DpPlan, key: jax.Array) -> jax.Array:
     """`start + clip(trained - start) + N(0, (σ·clip)²)`: the model a DP peer keeps and sends."""
     return _privatize(
         jnp.asarray(start, jnp.float32),
@@ -172,7 +206,7 @@ _privatize_many = jax.jit(jax.vmap(_privatize, in_axes=(0, 0, None, None, 0)))
 
 
 def privatize_many(
-    start: jax.Array, trained: jax.Array, dp: UpdateDp, seed: int, peers: ArrayLike, round_: int
+    start: jax.Array, trained: jax.Array, dp: DpPlan, seed: int, peers: ArrayLike, round_: int
 ) -> jax.Array:
     """`privatize` for the peers `peers` at once (rows of `start` / `trained`), each
     with its own (seed, peer, round) noise: the same values as one call per peer."""
@@ -203,35 +237,68 @@ def _fresh(accountant: Accountant) -> dp_accounting.PrivacyAccountant:
     raise ValueError(f"unknown accountant {accountant!r}; expected one of {ACCOUNTANTS}")
 
 
+@functools.lru_cache(maxsize=256)
+def _rdp_per_step(q: float, sigma: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """dp-accounting's RDP orders and one step's RDP at each (the slow part: fractional
+    orders at a large q take seconds); k steps compose to k times it, exactly."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant()
+    with _quiet_absl():
+        acc.compose(_step(q, sigma))
+    return tuple(acc._orders), tuple(float(x) for x in acc._rdp)
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """dp-accounting warns through absl for every RDP order whose series does not
+    converge (that order is left out, as it should be): not for our users' terminals."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@functools.lru_cache(maxsize=8192)
 def epsilon(
     q: float, sigma: float, steps: int, delta: float, accountant: Accountant = "rdp"
 ) -> float:
-    """ε at `delta` after `steps` Poisson-sampled Gaussian mechanisms (0 steps: 0)."""
+    """ε at `delta` after `steps` Poisson-sampled Gaussian mechanisms (0 steps: 0).
+
+    RDP: the same orders and conversion as dp-accounting's `RdpAccountant`, with one
+    step's RDP computed once per (q, σ) and scaled by `steps` (what composition is),
+    so a peer's ε every round costs microseconds. PLD: a fresh accountant per call.
+    """
     if steps <= 0:
         return 0.0
+    if accountant == "rdp":
+        from dp_accounting.rdp import rdp_privacy_accountant
+
+        orders, per_step = _rdp_per_step(q, sigma)
+        rdp = [steps * x for x in per_step]
+        return float(rdp_privacy_accountant.compute_epsilon(orders, rdp, delta)[0])
     from dp_accounting import dp_event
 
     acc = _fresh(accountant)
-    acc.compose(dp_event.SelfComposedDpEvent(_step(q, sigma), steps))
-    return float(acc.get_epsilon(delta))
+    with _quiet_absl():
+        acc.compose(dp_event.SelfComposedDpEvent(_step(q, sigma), steps))
+        return float(acc.get_epsilon(delta))
 
 
 def epsilons(
     schedule: DpSchedule, rounds: Iterable[int], accountant: Accountant = "rdp"
 ) -> list[float]:
-    """ε after each of the given round counts (increasing), composing incrementally."""
-    from dp_accounting import dp_event
-
-    acc = _fresh(accountant)
-    step = _step(schedule.q, schedule.sigma)
-    done, out = 0, []
+    """ε after each of the given round counts (increasing)."""
+    out, last = [], 0
     for r in rounds:
-        if r < done:
+        if r < last:
             raise ValueError("round counts must not decrease")
-        if r > done:
-            acc.compose(dp_event.SelfComposedDpEvent(step, (r - done) * schedule.steps))
-            done = r
-        out.append(float(acc.get_epsilon(schedule.delta)) if done else 0.0)
+        last = r
+        steps = r * schedule.steps
+        out.append(epsilon(schedule.q, schedule.sigma, steps, schedule.delta, accountant))
     return out
 
 

@@ -36,6 +36,7 @@ from p2pfl.learning import custom, datasets, exported, partition
 from p2pfl.learning.models import make_model
 from p2pfl.learning.partition import Partition
 from p2pfl.learning.trainer import (
+    DpSgd,
     FlatParams,
     ParamsLike,
     Shard,
@@ -102,6 +103,7 @@ class TrainSpec:
     learning_rate: float = 0.005
     batch_size: int = 32
     local_epochs: int = 2
+    dp_sgd: DpSgd | None = None  # [privacy] mechanism = "dp_sgd": clip and noise per step
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,7 @@ def make_peer_trainer(spec: LearningSpec, ds: datasets.Dataset) -> Trainer:
     else:
         model = make_model(m.kind, ds.x.shape[1], ds.n_classes, m.hidden, ds.image_shape)
     return make_trainer(
-        model, make_optimizer(t.optimizer, t.learning_rate), t.batch_size, t.local_epochs
+        model, make_optimizer(t.optimizer, t.learning_rate), t.batch_size, t.local_epochs, t.dp_sgd
     )
 
 

@@ -132,17 +132,77 @@ def epoch_order(key: jax.Array, n: jax.Array, n_max: int) -> jax.Array:
     return jnp.argsort(jnp.where(rows < n, u, jnp.inf))
 
 
+class DpSgd(NamedTuple):
+    """DP-SGD (Abadi et al. 2016): per-example gradients clipped to `clip` in L2, their
+    sum noised with N(0, (noise_multiplier · clip)²), over the expected batch size."""
+
+    clip: float
+    noise_multiplier: float
+
+
+def clipped_example_grads(
+    loss_one: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    params: Any,
+    x: jax.Array,
+    y: jax.Array,
+    clip: jax.Array | float,
+) -> tuple[jax.Array, Any]:
+    """Every row's loss and its own gradient (`vmap`), each scaled to L2 norm at most
+    `clip` over the whole parameter pytree: DP-SGD's per-example clipping."""
+    losses, grads = jax.vmap(jax.value_and_grad(loss_one), in_axes=(None, 0, 0))(params, x, y)
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    sq = sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in leaves)
+    scale = jnp.minimum(1.0, jnp.float32(clip) / jnp.maximum(jnp.sqrt(sq), 1e-30))
+    return losses, jax.tree_util.tree_unflatten(
+        treedef, [g * scale.reshape((-1,) + (1,) * (g.ndim - 1)) for g in leaves]
+    )
+
+
+def dp_sgd_gradient(
+    loss_one: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    params: Any,
+    x: jax.Array,
+    y: jax.Array,
+    taken: jax.Array,
+    dp: DpSgd,
+    key: jax.Array,
+    expected: jax.Array | float,
+) -> tuple[jax.Array, Any]:
+    """One DP-SGD step's gradient: the clipped gradients of the `taken` rows summed,
+    plus N(0, (noise_multiplier · clip)²) per coordinate, over `expected` (the
+    expected batch size, fixed so one row moves the sum by at most `clip`); with the
+    taken rows' mean loss."""
+    losses, clipped = clipped_example_grads(loss_one, params, x, y, dp.clip)
+    leaves, treedef = jax.tree_util.tree_flatten(clipped)
+    keys = jax.random.split(key, len(leaves))
+    sigma = jnp.float32(dp.noise_multiplier * dp.clip)
+    weight = taken.astype(jnp.float32)
+    noised = [
+        (jnp.tensordot(weight, g, axes=1) + sigma * jax.random.normal(k, g.shape[1:]))
+        / jnp.maximum(jnp.float32(expected), 1e-12)
+        for g, k in zip(leaves, keys, strict=True)
+    ]
+    return _masked_mean(losses, taken), jax.tree_util.tree_unflatten(treedef, noised)
+
+
 def make_trainer(
     model: ModelDef,
     optimizer: optax.GradientTransformation,
     batch_size: int,
     local_epochs: int,
+    dp_sgd: DpSgd | None = None,
 ) -> Trainer:
     """Build jitted train/evaluate functions for shards of any padded length.
 
     Everything, initialisation included, runs under `jax.jit`: eager JAX ops would each
     be lowered separately, which costs a peer about half a second of start-up. A
     function is traced once per padded shard shape, not per peer.
+
+    With `dp_sgd` a round is DP-SGD with Poisson sampling (`core.privacy.dp_sgd_schedule`):
+    each step draws its rows (a uniform per row from the step's key: padding cannot
+    change the draw), takes every row's own gradient (`vmap`), clips each, sums the
+    drawn ones, adds the noise and divides by the expected batch size. Every step
+    computes all `n_max` rows' gradients: exact Poisson sampling under fixed shapes.
     """
     unravel, n_params = _unraveler(model)
 
@@ -208,12 +268,50 @@ def make_trainer(
             carry, losses = jax.lax.scan(step, carry, batches)
             return carry, losses.sum() / jnp.maximum(own_batches, 1)
 
+        def dp_epoch(carry: tuple, key: jax.Array) -> tuple[tuple, jax.Array]:
+            assert dp_sgd is not None
+            rows = jnp.arange(n_max)
+            q = jnp.minimum(1.0, batch_size / jnp.maximum(n, 1).astype(jnp.float32))
+            own_steps = (n + batch_size - 1) // batch_size
+
+            def dp_step(carry: tuple, s: jax.Array) -> tuple[tuple, jax.Array]:
+                draw, noise_key = jax.random.split(jax.random.fold_in(key, s))
+                u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(draw, i)))(rows)
+                taken = (u < q) & (rows < n)
+
+                def run(carry: tuple) -> tuple[tuple, jax.Array]:
+                    params, opt_state = carry
+                    loss, grads = _dp_gradient(params, taken, noise_key, q * n)
+                    updates, opt_state = optimizer.update(grads, opt_state, params)
+                    return (optax.apply_updates(params, updates), opt_state), loss
+
+                def skip(carry: tuple) -> tuple[tuple, jax.Array]:
+                    return carry, jnp.zeros((), jnp.float32)
+
+                return jax.lax.cond(s < own_steps, run, skip, carry)
+
+            carry, losses = jax.lax.scan(dp_step, carry, jnp.arange(n_batches))
+            return carry, losses.sum() / jnp.maximum(own_steps, 1)
+
+        def _dp_gradient(
+            params: Any, taken: jax.Array, key: jax.Array, expected: jax.Array
+        ) -> tuple[jax.Array, Any]:
+            assert dp_sgd is not None
+
+            def one(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+                logits = model.apply(p, x[None])
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
+
+            return dp_sgd_gradient(one, params, shard.x, shard.y, taken, dp_sgd, key, expected)
+
         # The steps run on the parameter pytree (and the optimizer state's params-shaped
         # leaves as pytrees): the same arithmetic as on the flat vector, without an
         # unravel and its gradient's concatenation in every step (~25% of a step).
         start = (unravel(state.params), _state_as(state.opt_state, unravel))
         keys = jax.random.split(state.key, local_epochs + 1)
-        (params, opt_state), losses = jax.lax.scan(epoch, start, keys[1:])
+        (params, opt_state), losses = jax.lax.scan(
+            epoch if dp_sgd is None else dp_epoch, start, keys[1:]
+        )
         flat_state = _state_back(state.opt_state, opt_state)
         return TrainState(_ravel(params), flat_state, keys[0]), losses[-1]
 

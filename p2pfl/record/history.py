@@ -41,6 +41,7 @@ class RoundRecord:
     # privacy block (q, noise_multiplier, delta, accountant) anyone can recompute ε
     epsilon: float | None = None
     dp_steps: int | None = None
+    dp_q: float | None = None  # the sampling rate of each of those steps
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class PeerHistory:
             evaluated_on=evaluated_on,
             epsilon=None if dp is None else dp.epsilon,
             dp_steps=None if dp is None else dp.steps,
+            dp_q=None if dp is None else dp.q,
         )
         self._cpu0 = cpu
         self._writer.write(record)
@@ -154,4 +155,5 @@ def simulated(
         evaluated_on=evaluated_on,
         epsilon=None if dp is None else dp.epsilon,
         dp_steps=None if dp is None else dp.steps,
+        dp_q=None if dp is None else dp.q,
     )

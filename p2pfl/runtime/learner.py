@@ -59,9 +59,11 @@ class Learner:
         t = time.perf_counter()
         start = state.params
         state, loss = self.local.trainer.train(state, self.local.data.train)
-        if self.dp is not None and self.dp.where == "peer":
-            key = privacy.noise_key(self.seed, self.peer_id, round_)
-            state = self.with_params(state, privacy.privatize(start, state.params, self.dp, key))
+        if self.dp is not None and self.dp.where == "peer":  # dp_sgd noised inside training
+            if self.dp.mechanism == "update":
+                key = privacy.noise_key(self.seed, self.peer_id, round_)
+                private = privacy.privatize(start, state.params, self.dp, key)
+                state = self.with_params(state, private)
             self.releases += 1
         model = as_numpy(state.params)
         train_s = time.perf_counter() - t
@@ -73,7 +75,9 @@ class Learner:
     def spent(self, round_: int) -> privacy.Spent | None:
         """What round `round_`'s history line carries of the peer's DP: its ε and the
         steps composed (local DP: its releases; central DP: every round so far)."""
-        return None if self.dp is None else privacy.spent(self.dp, self.releases, round_)
+        if self.dp is None:
+            return None
+        return privacy.spent(self.dp, self.releases, round_, self.local.data.n_train)
 
     def evaluate(self, params: FlatParams | np.ndarray) -> tuple[float, float | None, float]:
         """(own test accuracy, holdout accuracy or None, seconds it took)."""

@@ -86,7 +86,10 @@ class Run:
 
     def line(self, peer: int, round_: int, **fields: Any) -> None:
         dp = self.plan.privacy
-        spent = None if dp is None else privacy.spent(dp, int(self.releases[peer]), round_)
+        spent = None
+        if dp is not None:
+            n = int(self.pop.n_train[peer])
+            spent = privacy.spent(dp, int(self.releases[peer]), round_, n)
         record = simulated(
             round_, t=time.perf_counter() - self.t0, wall=time.time(), dp=spent, **fields
         )
@@ -97,6 +100,9 @@ class Run:
         noised (`core.privacy`, as a networked peer does), from their current models."""
         dp = self.plan.privacy
         if dp is None or dp.where != "peer":
+            return trained
+        self.releases[rows] += 1
+        if dp.mechanism == "dp_sgd":  # noised inside the training itself
             return trained
         start = self.states.params[jnp.asarray(rows)]
         params = privacy.privatize_many(start, trained.params, dp, self.plan.run.seed, rows, round_)
