@@ -229,7 +229,9 @@ def _mlp_loss():
 
 
 def test_dp_sgd_clips_every_example_gradient():
-    from p2pfl.learning.trainer import clipped_example_grads
+    from p2pfl.learning.trainer import clipped_example_grads as eager
+
+    clipped_example_grads = jax.jit(eager, static_argnums=0)  # eager vmap(grad) is slow
 
     params, one = _mlp_loss()
     rng = np.random.default_rng(1)
@@ -256,7 +258,11 @@ def test_dp_sgd_clips_every_example_gradient():
 
 
 def test_dp_sgd_gradient_sums_the_taken_rows_over_the_expected_batch():
-    from p2pfl.learning.trainer import DpSgd, clipped_example_grads, dp_sgd_gradient
+    from p2pfl.learning import trainer
+    from p2pfl.learning.trainer import DpSgd
+
+    clipped_example_grads = jax.jit(trainer.clipped_example_grads, static_argnums=0)
+    dp_sgd_gradient = jax.jit(trainer.dp_sgd_gradient, static_argnums=(0, 5))
 
     params, one = _mlp_loss()
     rng = np.random.default_rng(2)
