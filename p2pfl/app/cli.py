@@ -164,8 +164,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from p2pfl.config.privacy import dp_plan
-    from p2pfl.core.privacy import epsilons
+    from p2pfl.config.privacy import dp_plan, forecast
 
     s = roles.scenario(args.scenario)
     dp = dp_plan(s)
@@ -177,18 +176,24 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         return EXIT_OK
     rounds = s.training.rounds
     marks = sorted({*range(10, rounds + 1, 10), rounds})
-    at = dict(zip(marks, epsilons(dp.schedule(), marks, dp.accountant), strict=True))
+    at = forecast(s, marks)
     how = "calibrated for target_epsilon" if s.privacy.target_epsilon is not None else "set"
+    kind = {
+        ("dp_sgd", "peer"): "DP-SGD (sample-level, each peer's records)",
+        ("update", "peer"): "update (participant-level, local DP)",
+        ("update", "server"): f"update (participant-level, central DP, Poisson q = {dp.q:g})",
+    }[(dp.mechanism, dp.where)]
     console.print(
-        f"{s.name} ({s.mode}): mechanism 'update' (participant-level, local DP), clip "
-        f"{dp.clip:g}, noise multiplier {dp.sigma:.4g} ({how}), δ = {dp.delta:g}, "
-        f"{dp.accountant.upper()} accountant"
+        f"{s.name} ({s.mode}): {kind}, clip {dp.clip:g}, noise multiplier {dp.sigma:.4g} "
+        f"({how}), δ = {dp.delta:g}, {dp.accountant.upper()} accountant",
+        markup=False,
     )
-    table = Table("after round", "ε of a peer that trains every round")
+    table = Table("after round", "ε (a peer that trains every round)")
     for r in marks:
-        table.add_row(str(r), f"{at[r]:.4g}")
+        lo, hi = at[r]
+        table.add_row(str(r), f"{hi:.4g}" if lo == hi else f"{lo:.4g} to {hi:.4g} (by shard size)")
     console.print(table)
-    if s.mode == "centralized":
+    if s.mode == "centralized" and dp.where == "peer":
         console.print(
             f"centralized: a peer spends ε only in the rounds it is sampled in (fraction "
             f"{s.centralized.fraction:g}); the column is the most it can spend"

@@ -13,7 +13,7 @@ import functools
 from typing import Any, Literal
 
 from p2pfl.config.schema import Scenario, ScenarioError
-from p2pfl.core.privacy import Accountant, DpPlan, calibrate
+from p2pfl.core.privacy import Accountant, DpPlan, calibrate, spent
 
 
 @functools.lru_cache(maxsize=16)
@@ -47,3 +47,25 @@ def dp_plan(s: Scenario) -> DpPlan | None:
     return DpPlan(
         p.clip, sigma, delta, p.accountant, p.where, q, mechanism, t.batch_size, t.local_epochs
     )
+
+
+def forecast(s: Scenario, rounds: list[int]) -> dict[int, tuple[float, float]]:
+    """(smallest, largest) ε over the peers after each of `rounds`, for a peer that
+    trains every round: what `p2pfl privacy` prints before anything runs. DP-SGD reads
+    the shard sizes (each peer's q and steps); the update mechanisms are the same for
+    every peer."""
+    dp = dp_plan(s)
+    if dp is None:
+        return {}
+    sizes = [0]
+    if dp.mechanism == "dp_sgd":
+        from p2pfl.config.learning import learning_spec
+        from p2pfl.learning.local import host_data
+
+        host, _ = host_data(learning_spec(s).data, list(range(s.peers)))
+        sizes = sorted({int(n) for n in host.n_train})
+    out = {}
+    for r in rounds:
+        eps = [spent(dp, r, r, n).epsilon for n in sizes]
+        out[r] = (min(eps), max(eps))
+    return out

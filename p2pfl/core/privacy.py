@@ -323,12 +323,13 @@ def calibrate(
             f"target ε = {target_epsilon:g} cannot be met at δ = {delta:g} over {steps} steps "
             f"(sampling rate {q:g}) with any noise multiplier up to {MAX_SIGMA:g}"
         )
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
-            lambda: _fresh(accountant),
-            lambda sigma: dp_event.SelfComposedDpEvent(_step(q, sigma), steps),
-            target_epsilon,
-            delta,
-            bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, MAX_SIGMA),
+    with _quiet_absl():
+        return float(
+            dp_accounting.calibrate_dp_mechanism(
+                lambda: _fresh(accountant),
+                lambda sigma: dp_event.SelfComposedDpEvent(_step(q, sigma), steps),
+                target_epsilon,
+                delta,
+                bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, MAX_SIGMA),
+            )
         )
-    )
