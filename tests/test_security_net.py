@@ -516,3 +516,56 @@ def test_crash_and_rejoin_over_curve(make_scenario, launch_run):
             if e["event"] == "message_dropped"
         ]
         assert not [e for e in drops if "key" in e["reason"] or "mismatch" in e["reason"]], drops
+
+
+def test_fuzz_from_a_valid_neighbour_key(make_scenario, launch_run):
+    """An authenticated but malicious neighbour is still only a neighbour: 2,000 fuzzed
+    messages sent with neighbour 1's own key at peer 0 of a run with keys are each
+    dropped once (wire checks, or a sender mismatch), RSS stays bounded, the run ends."""
+    from test_fuzz import ROUNDS, Rss, corpus, dropped, finished, fuzz_scenario
+
+    count = 2000
+    scenario, s, n = fuzz_scenario(make_scenario, "fuzzcurve", security={"keys": "auto"})
+
+    def usable(m):  # what neighbour 1 may legitimately send: taken, not dropped
+        if m.sender == 1 and m.type in ("heartbeat", "bye"):
+            return True
+        degree = m.meta.get("degree")
+        model = m.type == "model" and m.sender == 1 and "params" in m.arrays
+        return model and m.round <= ROUNDS + 2 and wire.is_int(degree) and 0 < degree < 4
+
+    messages, _ = corpus(s, n, usable, count - 20)
+    # and well-formed models that claim to be peer 0's other neighbour, 3
+    params = {"params": np.zeros(n, np.float32)}
+    meta = {"degree": 2, "samples": 10}
+    claims = [wire.encode("model", 3, r, s.digest(), meta, params) for r in range(1, 21)]
+    messages += [[bytes(f) for f in frames] for frames in claims]
+    run = launch_run(scenario)
+    wait_deadline = time.monotonic() + 120
+    while len(read_jsonl(run.out / "peer-0.jsonl")) < 3 and time.monotonic() < wait_deadline:
+        time.sleep(0.05)
+    ring1 = keys.keyring(run.out / "keys", 1, s.peers, [0])
+    rss = Rss(run.peer_pids()[0])
+    log = run.out / "logs" / "peer-0.jsonl"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, ring1.known[0])
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, ring1.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, ring1.secret)
+    sock.setsockopt(zmq.SNDTIMEO, 30_000)
+    sock.connect(s.address(0))
+    try:
+        for frames in messages:
+            sock.send_multipart(frames)
+    finally:
+        sock.close(linger=30_000)
+        ctx.term()
+    deadline = time.monotonic() + 60
+    while dropped(log) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rss.stop()
+    assert read_jsonl(run.out / "peer-0.jsonl")[-1]["round"] < ROUNDS, "the run ended first"
+    finished(run, log, count)
+    reasons = [e["reason"] for e in read_jsonl(log) if e["event"] == "message_dropped"]
+    assert sum(r.startswith("sender mismatch: the header claims 3") for r in reasons) >= 20
+    assert not any(r == "key not allowed" for r in reasons)  # its key was a neighbour's
