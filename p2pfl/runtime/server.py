@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
-from p2pfl.core import privacy
 from p2pfl.net.transport import Hub
 from p2pfl.protocol import wire
 from p2pfl.protocol.fedavg_server import ClosedRound, FedAvgServer, stack_updates
@@ -131,6 +130,7 @@ class FedServer:
             if dp is None:
                 model = np.asarray(self.plan.aggregator(models, weights))
             else:  # central DP: clipped sum + noise over a fixed denominator
+                from p2pfl.core import privacy  # JAX's noise, loaded only when it is used
                 key = privacy.noise_key(self.plan.run.seed, self.plan.run.peers, closed.round)
                 expected = dp.q * len(closed.connected)
                 model = np.asarray(privacy.central_mean(model, models, dp, expected, key))

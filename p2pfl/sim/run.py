@@ -106,7 +106,6 @@ class Run:
             return trained
         start = self.states.params[jnp.asarray(rows)]
         params = privacy.privatize_many(start, trained.params, dp, self.plan.run.seed, rows, round_)
-        self.releases[rows] += 1
         return trained._replace(params=params)
 
     def evaluate_lines(
