@@ -11,6 +11,7 @@ into exit code 2.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,57 @@ def _check_cross_fields(s: Scenario, peer: int | None) -> None:
             "(allowed: 'digits', 'mnist5k')"
         )
     _check_custom(s, peer)
+    _check_secagg(s)
     _check_privacy(s)
+
+
+def _check_secagg(s: Scenario) -> None:
+    """Secure aggregation needs the FedAvg server, the mean, and enough sampled peers
+    that the unmasked sum hides each of them (3 at the least); crashes after masking
+    need it on."""
+    p, c = s.privacy, s.centralized
+    after = [f.peer for f in s.faults.crash if f.phase == "after_masking"]
+    if after and not (p.secure_aggregation and s.mode == "centralized"):
+        raise ScenarioError(
+            f"faults.crash phase = 'after_masking' (peers {after}) needs "
+            "privacy.secure_aggregation = true in mode = 'centralized': no masks otherwise"
+        )
+    if not p.secure_aggregation:
+        return
+    from p2pfl.core.secagg import MIN_PEERS
+    from p2pfl.protocol.secagg import MAX_PEERS
+
+    if s.mode != "centralized":
+        raise ScenarioError(
+            f"privacy.secure_aggregation = true with mode = {s.mode!r}: secure aggregation "
+            "hides each update from the FedAvg server, so it needs mode = 'centralized' (a "
+            "gossip peer sees each neighbour's model: use privacy.mechanism = 'update')"
+        )
+    if p.where == "server" and p.mechanism != "none":
+        raise ScenarioError(
+            "privacy.secure_aggregation = true with privacy.where = 'server': central DP "
+            "clips each update at the server, which secure aggregation hides from it; "
+            "use where = 'peer' (each peer noises before masking)"
+        )
+    if c.aggregator != "mean":
+        raise ScenarioError(
+            f"privacy.secure_aggregation = true with centralized.aggregator = "
+            f"{c.aggregator!r}: the server only ever sees the sum of the updates, so only "
+            "'mean' (FedAvg) can be computed from it"
+        )
+    n = s.min_peers
+    k = min(n, max(c.min_updates, math.ceil(c.fraction * n)))
+    if k < MIN_PEERS:
+        raise ScenarioError(
+            f"privacy.secure_aggregation = true with {k} peers sampled per round "
+            f"(centralized.min_peers = {n}, fraction = {c.fraction}): at least {MIN_PEERS} "
+            "are needed, or the sum with one's own update gives away the other's"
+        )
+    if s.peers > MAX_PEERS:
+        raise ScenarioError(
+            f"privacy.secure_aggregation = true with {s.peers} peers: at most {MAX_PEERS} "
+            "(each round's roster and shares must fit one message header)"
+        )
 
 
 def _check_privacy(s: Scenario) -> None:

@@ -59,6 +59,7 @@ class PeerFaults:
 
     slow_delay_s: float = 0.0  # a straggler holds back each model this long
     crash_round: int | None = None  # SIGKILLed on reaching this round (not when resumed)
+    crash_after_masking: bool = False  # ... or in a secure round, once its masks are fixed
     label_flip: bool = False  # a label_flip Byzantine peer trains on flipped labels
     link_delay_ms: float = 0.0  # gossip links: each message held back this long ...
     link_drop: float = 0.0  # ... or lost with this probability
@@ -169,6 +170,7 @@ def _faults(s: Scenario, peer_id: int) -> PeerFaults:
     return PeerFaults(
         slow_delay_s=s.slow_delay(peer_id),
         crash_round=s.crash_round(peer_id),
+        crash_after_masking=s.crash_after_masking(peer_id),
         label_flip=attack is not None and attack.attack == "label_flip",
         link_delay_ms=s.faults.link_delay_ms,
         link_drop=s.faults.link_drop,
@@ -277,6 +279,7 @@ def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> C
         heartbeat_s=c.heartbeat_s,
         coordinator_timeout_s=c.coordinator_timeout_s,
         startup_timeout_s=c.startup_timeout_s,
+        secagg_range=_secagg_range(s),
     )
     return ClientPlan(
         run=_run(s, out),
@@ -291,6 +294,11 @@ def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> C
         keys=node_keys(s, out, peer_id, [s.peers]),
         privacy=dp_plan(s),
     )
+
+
+def _secagg_range(s: Scenario) -> float | None:
+    """Secure aggregation's clipping range, None when it is off."""
+    return s.privacy.secagg_range if s.privacy.secure_aggregation else None
 
 
 def _server_config(s: Scenario) -> ServerConfig:
@@ -311,6 +319,7 @@ def _server_config(s: Scenario) -> ServerConfig:
         coordinator_timeout_s=c.coordinator_timeout_s,
         weighting=c.weighting,
         poisson=dp is not None and dp.where == "server",
+        secagg_range=_secagg_range(s),
     )
 
 

@@ -208,11 +208,15 @@ class Byzantine(_Section):
 
 class Crash(_Section):
     """The peer process dies hard (SIGKILL) when it reaches `at_round`; with
-    `rejoin_after_s` the launcher restarts it that long after, from its checkpoint."""
+    `rejoin_after_s` the launcher restarts it that long after, from its checkpoint.
+    `phase = "after_masking"` (secure aggregation): it dies in the first secure round
+    from `at_round` it is sampled in, once its masks are fixed, before its masked input
+    goes out (the others must recover its masks)."""
 
     peer: int = Field(ge=0)
     at_round: int = Field(ge=1)
     rejoin_after_s: float | None = Field(None, ge=0.0, le=3600.0)
+    phase: Literal["start", "after_masking"] = "start"
 
 
 class Faults(_Section):
@@ -269,6 +273,11 @@ class Privacy(_Section):
     target_epsilon: float | None = Field(None, gt=0.0)
     accountant: Literal["rdp", "pld"] = "rdp"
     where: Literal["peer", "server"] = "peer"
+    # centralized only: pairwise-masked updates, of which the server unmasks only the sum
+    secure_aggregation: bool = False
+    # ... each coordinate of an update (model after training minus the global model) is
+    # clipped to ±secagg_range before it is quantised (clipped values are reported)
+    secagg_range: float = Field(1.0, gt=0.0, le=1e6)
 
     def resolved_delta(self, peers: int) -> float:
         """`delta`, or the default: 1e-5 capped at 1/peers² (a peer is the unit)."""
@@ -362,6 +371,10 @@ class Scenario(_Section):
     def byzantine(self, peer_id: int) -> Byzantine | None:
         """The attack peer `peer_id` carries out, if it is Byzantine."""
         return next((f for f in self.faults.byzantine if f.peer == peer_id), None)
+
+    def crash_after_masking(self, peer_id: int) -> bool:
+        """Whether peer `peer_id`'s injected crash comes after its masks are fixed."""
+        return any(f.peer == peer_id and f.phase == "after_masking" for f in self.faults.crash)
 
     def crash_round(self, peer_id: int) -> int | None:
         """The round at which peer `peer_id` is killed, if any."""

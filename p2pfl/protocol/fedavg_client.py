@@ -9,7 +9,9 @@ replaying old ones: `skipped_round`). The coordinator is lost after
 `coordinator_timeout_s` of silence (`startup_timeout_s` before the welcome), judged
 only while the peer waits with nothing queued: a long training round is not the
 coordinator's silence, its heartbeats wait in the queue. An end_session with an error
-(or without the final model) loses it too.
+(or without the final model) loses it too. With secure aggregation the server's
+`secagg` steps of a round are queued too and handed over in order (`Secure`) after
+that round's start_round; a newer start_round or end_session drops the older ones.
 
 No sockets, no clock: every call takes `now`; the runtime carries out the `Send`s.
 """
@@ -41,6 +43,7 @@ class ClientConfig:
     heartbeat_s: float = 0.5
     coordinator_timeout_s: float = 10.0  # silence after the welcome that means it is gone
     startup_timeout_s: float = 60.0  # how long to wait for the welcome
+    secagg_range: float | None = None  # secure aggregation: each coordinate's |Δ| bound
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,15 @@ class Lost:
     ended: bool = False
 
 
-Task = Train | Finish | Lost
+@dataclass(frozen=True)
+class Secure:
+    """A secure-aggregation step of `round` from the server (roster, shares, unmask)."""
+
+    round: int
+    meta: Mapping[str, Any]
+
+
+Task = Train | Finish | Lost | Secure
 
 
 class FedAvgClient:
@@ -92,6 +103,7 @@ class FedAvgClient:
         )
         self.last_sent = now
         self._found: Received | None = None  # the newest start_round / end_session
+        self._secure: list[Received] = []  # secagg steps, in arrival order
 
     @property
     def limit_s(self) -> float:
@@ -114,6 +126,18 @@ class FedAvgClient:
         meta: Mapping[str, Any] = {"samples": self.config.samples, "loss": float(loss)}
         send = Send(COORDINATOR, "update", round_, meta, {"params": params}, channel="updates")
         return self._send(send, now)
+
+    def masked(
+        self, round_: int, loss: float, values: np.ndarray, out_of_range: int, now: float
+    ) -> Send:
+        """Our masked input of secure round `round_` (uint32), on the update channel."""
+        meta = {"loss": float(loss), "out_of_range": int(out_of_range)}
+        send = Send(COORDINATOR, "update", round_, meta, {"masked": values}, channel="updates")
+        return self._send(send, now)
+
+    def secagg(self, round_: int, meta: Mapping[str, Any], now: float) -> Send:
+        """A secure-aggregation step of ours (keys, shares, unmask answer)."""
+        return self._send(Send(COORDINATOR, "secagg", round_, meta), now)
 
     def bye(self, round_: int, now: float) -> Send:
         """The last message, after the final model of `round_` arrived."""
@@ -140,6 +164,9 @@ class FedAvgClient:
             if self._found is not None:
                 self.log.info("skipped_round", skipped=self._found.msg.round, newer=msg.round)
             self._found = event
+            self._secure = [e for e in self._secure if e.msg.round >= msg.round]
+        elif msg.type == "secagg" and self.config.secagg_range is not None:
+            self._secure.append(event)
         elif msg.type != "heartbeat":
             self.log.warning("message_dropped", reason=f"unexpected type {msg.type!r}")
         return []
@@ -152,34 +179,42 @@ class FedAvgClient:
 
     def wake_in(self, now: float) -> float:
         """How long the runtime may wait on the socket before calling `tick` / `take`."""
-        if self._found is not None:
+        if self._found is not None or self._secure:
             return 0.0  # only drain what is already queued
         return min(self.config.heartbeat_s, self.limit_s)
 
     def take(self, now: float) -> Task | None:
-        """The newest queued start_round / end_session, or `Lost`, or None (wait on).
+        """The newest queued start_round / end_session, else the oldest queued secagg
+        step, or `Lost`, or None (wait on).
 
         Call it only when nothing more is queued on the socket: the silence it judges
         is the silence of a peer waiting with nothing to read.
         """
         found, self._found = self._found, None
         if found is not None:
-            msg = found.msg
-            if msg.type == "end_session":
-                error = msg.meta.get("error")
-                if error is not None or "params" not in msg.arrays:
-                    reason = error or "no final model"
-                    return Lost(f"the coordinator ended the session: {reason}", ended=True)
-                return Finish(msg.round, msg.arrays["params"], found.size)
-            if "params" not in msg.arrays:
-                self.log.warning("message_dropped", reason="start_round without params")
-                return None
-            return Train(msg.round, msg.arrays["params"], found.size)
+            return self._task(found)
+        if self._secure:
+            msg = self._secure.pop(0).msg
+            return Secure(msg.round, msg.meta)
         limit = self.limit_s
         if self.liveness.silent_s(COORDINATOR, now) > limit:
             what = "no welcome" if not self.welcomed else "no message"
             return Lost(f"{what} from the coordinator for {limit:g} s")
         return None
+
+    def _task(self, found: Received) -> Task | None:
+        """What a queued start_round / end_session asks of the peer."""
+        msg = found.msg
+        if msg.type == "end_session":
+            error = msg.meta.get("error")
+            if error is not None or "params" not in msg.arrays:
+                reason = error or "no final model"
+                return Lost(f"the coordinator ended the session: {reason}", ended=True)
+            return Finish(msg.round, msg.arrays["params"], found.size)
+        if "params" not in msg.arrays:
+            self.log.warning("message_dropped", reason="start_round without params")
+            return None
+        return Train(msg.round, msg.arrays["params"], found.size)
 
 
 def lines_on_adopt(recorded: int, trained: int | None, done: int) -> list[tuple[int, EvaluatedOn]]:

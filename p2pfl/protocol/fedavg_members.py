@@ -21,7 +21,7 @@ from p2pfl.protocol.liveness import Liveness
 __all__ = ["Control", "Member", "Members"]
 
 Logger = Any  # a structlog logger, bound or not
-Control = Literal["hello", "rejoin", "bye"] | None  # what the rounds must react to
+Control = Literal["hello", "rejoin", "bye", "secagg"] | None  # what the rounds react to
 
 
 @dataclass
@@ -86,6 +86,9 @@ class Members:
             self._drop("sender id claimed from another connection", sender=msg.sender)
         elif msg.type == "heartbeat":
             self.liveness.heard(msg.sender, now)
+        elif msg.type == "secagg":  # a secure-aggregation step: for the rounds to check
+            self.liveness.heard(msg.sender, now)
+            return "secagg"
         elif msg.type == "bye":
             del self.joined[msg.sender]
             self.liveness.forget(msg.sender)

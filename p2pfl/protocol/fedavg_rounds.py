@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from p2pfl.core.streams import SAMPLE, rng
 from p2pfl.protocol import wire
+
+if TYPE_CHECKING:
+    from p2pfl.protocol.secagg import SecureSum
 
 MAX_SAMPLES = 2**31 - 1  # largest sample count an update may claim
 ClosedBy = Literal["all_in", "early", "deadline", "quorum_missed"]
@@ -36,7 +39,9 @@ class ClosedRound:
 
     `updates` are in arrival order; `weights` are the FedAvg weights of the updates to
     aggregate (empty when `quorum_missed`: the global model is kept). `started` is the
-    `now` the round's start_round went out at.
+    `now` the round's start_round went out at. A secure round's updates are masked
+    (uint32, never to be averaged): `secure` unmasks their weighted mean, and
+    `secure_failure` says why a secure round closed `quorum_missed`.
     """
 
     round: int
@@ -48,6 +53,8 @@ class ClosedRound:
     started: float
     quorum_wait_s: float
     last: bool
+    secure: SecureSum | None = None
+    secure_failure: str | None = None
 
     @property
     def participants(self) -> list[int]:

@@ -11,7 +11,10 @@ records, and hands the new model back with `close_round`; the next round starts 
 next `tick`. After the last round every member gets end_session with the final model
 (retried where it could not be queued) and the server waits, bounded, for the byes.
 Membership (hello, heartbeats, bye, which connection speaks for which peer, who is
-fresh) is `p2pfl.protocol.fedavg_members.Members`; this machine keeps the rounds.
+fresh) is `p2pfl.protocol.fedavg_members.Members`; this machine keeps the rounds. With
+secure aggregation (`secagg_range` set) a round's updates are masked: the round is
+driven by `p2pfl.protocol.secagg.SecAggRound` and closes with `closing.secure`, the
+inputs and secrets that unmask only their sum.
 
 The machine never touches a socket or a clock: every call takes `now` (seconds on any
 monotonic clock) and returns the `Send`s to carry out; a send that could not be queued
@@ -31,6 +34,7 @@ from p2pfl.protocol import wire
 from p2pfl.protocol.events import Event, Malformed, Send
 from p2pfl.protocol.fedavg_members import Member, Members
 from p2pfl.protocol.fedavg_rounds import (
+    ClosedBy,
     ClosedRound,
     Update,
     close_reason,
@@ -38,6 +42,7 @@ from p2pfl.protocol.fedavg_rounds import (
     sample,
     stack_updates,
 )
+from p2pfl.protocol.secagg import SecAggRound
 
 __all__ = ["ClosedRound", "FedAvgServer", "ServerConfig", "Update", "stack_updates"]
 
@@ -65,6 +70,7 @@ class ServerConfig:
     coordinator_timeout_s: float = 10.0  # the peers' patience: the bye wait is at least this
     weighting: Literal["samples", "uniform"] = "samples"
     poisson: bool = False  # central DP: each peer sampled independently (see `sample`)
+    secagg_range: float | None = None  # secure aggregation: each coordinate's |Δ| bound
 
 
 @dataclass
@@ -78,9 +84,12 @@ class _Round:
     quorum_wait_s: float
     expected: set[int]
     updates: dict[int, Update] = field(default_factory=dict)
+    secure: SecAggRound | None = None  # secure aggregation drives this round
 
     def close(self, round_: int, config: ServerConfig) -> ClosedRound:
         """This round closed with what came: why, and its weights (none if quorum_missed)."""
+        if self.secure is not None:
+            return self._close_secure(round_, config, self.secure)
         closed_by = close_reason(self.updates, self.sampled, self.expected, config.min_updates)
         weights = {}
         if closed_by != "quorum_missed":
@@ -96,6 +105,32 @@ class _Round:
             started=self.started,
             quorum_wait_s=self.quorum_wait_s,
             last=round_ == config.rounds,
+        )
+
+    def _close_secure(self, round_: int, config: ServerConfig, sa: SecAggRound) -> ClosedRound:
+        """A secure round: the survivors' masked inputs, and the secrets in `secure`."""
+        closed_by: ClosedBy = "quorum_missed"
+        updates: dict[int, Update] = {}
+        if sa.result is not None:
+            survivors = sa.survivors
+            closed_by = "all_in" if len(survivors) == len(self.sampled) else "early"
+            if sa.timed_out and closed_by == "early":
+                closed_by = "deadline"
+            updates = {
+                u: Update(sa.masked[u], sa.adverts[u].samples, sa.losses[u]) for u in survivors
+            }
+        return ClosedRound(
+            round=round_,
+            closed_by=closed_by,
+            sampled=self.sampled,
+            connected=self.connected,
+            updates=updates,
+            weights={u: float(w) for u, w in sa.weights.items()} if sa.result else {},
+            started=self.started,
+            quorum_wait_s=self.quorum_wait_s,
+            last=round_ == config.rounds,
+            secure=sa.result,
+            secure_failure=sa.failure,
         )
 
 
@@ -126,6 +161,7 @@ class FedAvgServer:
         self._wait_started = now
         self._bye_deadline: float | None = None
         self._last_beat = -math.inf
+        self._outbox: list[Send] = []  # sends decided outside feed / tick (`undelivered`)
 
     # -- the runtime's calls ----------------------------------------------------------
 
@@ -158,29 +194,32 @@ class FedAvgServer:
             channel = "control" if event.origin is not None else "updates"
             self._drop(event.reason, channel=channel)
             return []
-        out: list[Send] = []
+        out, self._outbox = self._outbox, []
         if event.origin is None:
             self._on_update(event.msg, now)
         else:
-            out = self._on_control(event.origin, event.msg, now)
+            out += self._on_control(event.origin, event.msg, now)
         return out + self._advance(now)
 
     def tick(self, now: float) -> list[Send]:
         """Heartbeats when due, then whatever time decides: a round starts or closes,
         the quorum wait gives up, the bye wait ends (call when `wake_in` says)."""
-        out: list[Send] = []
+        out, self._outbox = self._outbox, []
         due = now - self._last_beat >= self.config.heartbeat_s
         if due and not self.done:
             self._last_beat = now
-            out = [Send(p, "heartbeat", self.round) for p in self.live(now)]
+            out += [Send(p, "heartbeat", self.round) for p in self.live(now)]
         return out + self._advance(now)
 
     def undelivered(self, send: Send, now: float) -> None:
         """A send of ours could not be queued (the peer is gone, or its queue is full)."""
         assert isinstance(send.to, int)
-        if send.type == "start_round" and self.open is not None and send.round == self.round:
+        mid_round = self.open is not None and send.round == self.round
+        if send.type in ("start_round", "secagg") and self.open is not None and mid_round:
             self.open.expected.discard(send.to)  # not worth waiting for
-            self._check_close(now)
+            if self.open.secure is not None:
+                self.open.secure.forget(send.to)
+            self._outbox += self._check_close(now)
         elif send.type == "end_session" and "error" not in send.meta:
             self.end_unsent.add(send.to)  # retried while waiting for the byes
 
@@ -210,7 +249,8 @@ class FedAvgServer:
         if self.phase == "waiting":
             t = min(t, self._wait_started + c.startup_timeout_s - now)
         elif self.phase == "open" and self.open is not None:
-            t = min(t, self.open.deadline - now)
+            secure = self.open.secure
+            t = min(t, (secure.deadline if secure is not None else self.open.deadline) - now)
         elif self.phase == "ending":
             if self._bye_deadline is None:
                 return 0.0
@@ -235,7 +275,7 @@ class FedAvgServer:
             if now >= self._wait_started + c.startup_timeout_s:
                 return self._abort(len(live))
         elif self.phase == "open":
-            self._check_close(now)
+            return self._check_close(now)
         return []
 
     def _abort(self, live: int) -> list[Send]:
@@ -261,29 +301,53 @@ class FedAvgServer:
             min_updates=c.min_updates,
             poisson=c.poisson,
         )
+        deadline = now + c.round_timeout_s
+        secure = None
+        if c.secagg_range is not None:
+            secure = SecAggRound(
+                round=self.round,
+                sampled=sampled,
+                range_=c.secagg_range,
+                uniform=c.weighting == "uniform",
+                min_updates=c.min_updates,
+                now=now,
+                round_deadline=deadline,
+                step_s=c.round_timeout_s,
+                log=self.log,
+            )
         self.open = _Round(
             sampled=sampled,
             connected=tuple(live),
             started=now,
-            deadline=now + self.config.round_timeout_s,
+            deadline=deadline,
             quorum_wait_s=now - self._wait_started,
             expected=set(sampled),
+            secure=secure,
         )
         self.phase = "open"
         return [Send(p, "start_round", self.round, {}, {"params": self.model}) for p in sampled]
 
-    def _check_close(self, now: float) -> None:
-        """Close the open round once no awaited update is missing, or at its deadline."""
+    def _check_close(self, now: float) -> list[Send]:
+        """Close the open round once no awaited update is missing, or at its deadline (a
+        secure round: once its protocol finished); the secure protocol's next sends."""
         r = self.open
         if self.phase != "open" or r is None:
-            return
-        if r.expected - set(r.updates) and now < r.deadline:
-            return
+            return []
+        out: list[Send] = []
+        if r.secure is not None:
+            out = r.secure.advance(now, self.live(now))
+            if not r.secure.finished:
+                return out
+        elif r.expected - set(r.updates) and now < r.deadline:
+            return []
         closing = self.closing = r.close(self.round, self.config)
-        if missing := sorted(set(r.sampled) - set(r.updates)):
-            self.log.warning("round_missing_updates", missing=missing, closed_by=closing.closed_by)
+        if closing.missing:
+            self.log.warning(
+                "round_missing_updates", missing=closing.missing, closed_by=closing.closed_by
+            )
         self.closed = self.round  # updates for this round are late from now on
         self.phase = "closing"
+        return out
 
     def _end_send(self, peer: int) -> Send:
         """end_session with the final model to `peer` (marked sent until `undelivered`)."""
@@ -317,8 +381,13 @@ class FedAvgServer:
     def _on_control(self, origin: bytes, msg: wire.Message, now: float) -> list[Send]:
         """A control message, applied by `membership`; a joiner or leaver is not awaited."""
         what = self.membership.control(origin, msg, now)
+        if what == "secagg":
+            self._on_secagg(msg)
+            return []
         if what is not None and self.open is not None:  # gone, or restarted mid-round:
             self.open.expected.discard(msg.sender)  # its update is not coming
+            if self.open.secure is not None:
+                self.open.secure.forget(msg.sender)
         if what == "bye":
             self.end_unsent.discard(msg.sender)  # no end_session to retry either
         if what not in ("hello", "rejoin"):
@@ -328,6 +397,17 @@ class FedAvgServer:
         if self.ending:  # too late for any round: it gets the final model at once
             return [self._end_send(msg.sender)]
         return [Send(msg.sender, "welcome", self.round, {"round": self.round})]
+
+    def _on_secagg(self, msg: wire.Message) -> None:
+        """A secure-aggregation step from a member: for the open secure round, or dropped."""
+        r = self.open if self.phase == "open" else None
+        if r is None or r.secure is None or msg.round != self.round:
+            self._drop(
+                f"secagg message for round {msg.round}, no secure round of it is open",
+                sender=msg.sender,
+            )
+        elif (why := r.secure.on_message(msg.sender, msg.meta)) is not None:
+            self._drop(why, sender=msg.sender)
 
     def _on_update(self, msg: wire.Message, now: float) -> None:
         """An update on the update channel: kept if it is for the open round and awaited."""
@@ -348,6 +428,15 @@ class FedAvgServer:
             self._drop("update from a peer not sampled this round", sender=msg.sender)
         elif msg.sender in r.updates:
             self._drop("duplicate update for this round", sender=msg.sender)
+        elif r.secure is not None:
+            masked = msg.arrays.get("masked")
+            why = "secure round: update without masked" if masked is None else None
+            if masked is not None:
+                why = r.secure.on_masked(msg.sender, masked, msg.meta)
+            if why is not None:
+                self._drop(why, sender=msg.sender)
+            else:
+                self.membership.heard(msg.sender, now)
         elif isinstance(got := parse_update(msg), str):
             self._drop(got, sender=msg.sender)
         else:

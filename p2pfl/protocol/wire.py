@@ -38,9 +38,19 @@ MAX_FRAME_BYTES = 8 * 1024 * 1024  # largest array frame we send or accept
 MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes; anything larger is hostile
 MAX_ARRAYS = 8  # arrays per message
 MAX_ROUND = 2**31 - 1
-ALLOWED_DTYPES = frozenset({"float32"})
+ALLOWED_DTYPES = frozenset({"float32", "uint32"})  # uint32: secure aggregation's masked inputs
 MESSAGE_TYPES = frozenset(
-    {"hello", "welcome", "model", "start_round", "update", "end_session", "heartbeat", "bye"}
+    {
+        "hello",
+        "welcome",
+        "model",
+        "start_round",
+        "update",
+        "end_session",
+        "heartbeat",
+        "bye",
+        "secagg",
+    }
 )
 _HEADER_KEYS = frozenset({"v", "type", "sender", "round", "scenario", "meta", "arrays"})
 
@@ -127,11 +137,13 @@ class Message:
 
 @dataclass(frozen=True)
 class Expect:
-    """What this receiver accepts: its scenario, sender ids and array shapes by name."""
+    """What this receiver accepts: its scenario, sender ids, array shapes by name and
+    their dtypes (float32 unless `dtypes` names another)."""
 
     scenario: str
     max_sender: int
     shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def max_frames(self) -> int:
@@ -252,8 +264,9 @@ def _check_descriptor(d: Any, expect: Expect) -> tuple[str, np.dtype, tuple[int,
     name, dtype, shape, nframes = d["name"], d["dtype"], d["shape"], d["frames"]
     if not isinstance(name, str) or name not in expect.shapes:
         raise WireError(f"unexpected array {_show(name)}")
-    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-        raise WireError(f"dtype {_show(dtype)} of {name!r} is not one of {sorted(ALLOWED_DTYPES)}")
+    want = expect.dtypes.get(name, "float32")
+    if not isinstance(dtype, str) or dtype != want or dtype not in ALLOWED_DTYPES:
+        raise WireError(f"dtype {_show(dtype)} of {name!r} is not {want}")
     if not isinstance(shape, list) or not all(is_int(x) for x in shape):
         raise WireError(f"shape of {name!r} is not a list of ints")
     if tuple(shape) != tuple(expect.shapes[name]):
@@ -302,7 +315,7 @@ def _split(frames: Sequence[Buffer], dtype: np.dtype, shape: tuple[int, ...], na
     for f in frames:
         chunk = np.frombuffer(f, dtype=dtype)
         chunk.flags.writeable = False
-        if not _all_finite(chunk):
+        if dtype.kind == "f" and not _all_finite(chunk):
             raise WireError(f"{name!r} contains NaN or Inf")
         chunks.append(chunk)
     return Chunked(tuple(chunks), shape)

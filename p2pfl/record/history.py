@@ -67,6 +67,9 @@ class ServerRecord:
     eval_s: float
     t: float  # seconds since the coordinator started
     time: float
+    # secure aggregation only: masks fixed, survivors, dropped peers whose masks were
+    # recovered, threshold, fixed-point scale, clipped coordinates (or why it failed)
+    secagg: dict[str, object] | None = None
 
 
 def as_dict(record: RoundRecord | ServerRecord) -> dict[str, Any]:

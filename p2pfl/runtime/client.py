@@ -18,6 +18,11 @@ coordinator lost after `coordinator_timeout_s` of silence (before the welcome:
 `startup_timeout_s`) or an end_session with an error. Then the peer raises
 `CoordinatorLostError`, which the CLI turns into a clear message and exit code 1.
 This module drives it (`node.drive`), trains, evaluates and records.
+
+With secure aggregation (`[privacy] secure_aggregation`) a sampled peer sends fresh
+keys before it trains and, instead of its model, a masked input of its update (its
+model minus the global one) once the server's roster and the others' shares came; it
+answers the server's one unmask request (`p2pfl.protocol.secagg.SecAggPeer` decides).
 """
 
 from __future__ import annotations
@@ -33,7 +38,16 @@ from p2pfl.config.plan import ClientPlan
 from p2pfl.learning.trainer import FlatParams, TrainState
 from p2pfl.net.transport import Link
 from p2pfl.protocol import wire
-from p2pfl.protocol.fedavg_client import FedAvgClient, Finish, Lost, Task, Train, lines_on_adopt
+from p2pfl.protocol.fedavg_client import (
+    FedAvgClient,
+    Finish,
+    Lost,
+    Secure,
+    Task,
+    Train,
+    lines_on_adopt,
+)
+from p2pfl.protocol.secagg import SecAggPeer
 from p2pfl.record.history import save_model
 from p2pfl.record.rounds import PeerHistory
 from p2pfl.runtime.learner import Learner
@@ -56,6 +70,7 @@ class _Trained:
     loss: float
     model: np.ndarray  # the update it sent
     train_s: float
+    delta: np.ndarray | None = None  # secure aggregation: what it sent less the global model
 
 
 class FedClient:
@@ -76,13 +91,16 @@ class FedClient:
         self.machine = FedAvgClient(config, time.monotonic(), self.log)
         self.recorded = -1  # the last round with a history line
         self.trained: _Trained | None = None
+        secure = plan.client.secagg_range
+        self.secure = SecAggPeer(self.id, secure) if secure is not None else None
+        self._unsaved: tuple[TrainState, int] | None = None  # secure: saved once masked
 
     def _lost(self, reason: str) -> CoordinatorLostError:
         where = self.plan.control
         self.log.error("coordinator_lost", reason=reason, coordinator=where)
         return CoordinatorLostError(f"peer {self.id}: {reason} (coordinator {where})")
 
-    def _next(self) -> Train | Finish:
+    def _next(self) -> Train | Finish | Secure:
         """The newest start_round / end_session, heartbeating while it waits."""
         got: list[Task] = []
 
@@ -151,13 +169,62 @@ class FedClient:
             self._record(done, state.params, "global", params)
         return state, params
 
-    def _train(self, round_: int, state: TrainState) -> TrainState:
+    def _train(self, round_: int, state: TrainState, start: np.ndarray) -> TrainState:
+        """Train `round_` from the global model `start` and send the update (secure
+        aggregation: send keys first, and keep the update until the masks are fixed)."""
+        if self.secure is not None:
+            keys = self.secure.keys(round_, self.machine.config.samples)
+            self.port.carry_out([self.machine.secagg(round_, keys, time.monotonic())])
         trained = self.learner.train(state, round_)
-        update = self.machine.update(round_, trained.loss, trained.sent, time.monotonic())
-        self.port.carry_out([update])
-        self.trained = _Trained(round_, trained.loss, trained.model, trained.train_s)
-        self.learner.save(trained.state, round_)
+        delta = None
+        if self.secure is None:
+            update = self.machine.update(round_, trained.loss, trained.sent, time.monotonic())
+            self.port.carry_out([update])
+        else:
+            delta = np.asarray(trained.sent, np.float64) - start
+        self.trained = _Trained(round_, trained.loss, trained.model, trained.train_s, delta)
+        if self.secure is None:
+            self.learner.save(trained.state, round_)
+        else:  # checkpointed once its masked input is out (a crash before: as at the start)
+            self._unsaved = (trained.state, round_)
         return trained.state
+
+    def _secure_step(self, task: Secure) -> None:
+        """One step of a secure round: answer the roster with shares, the shares with our
+        masked input, the unmask request with our shares of the secrets asked for."""
+        assert self.secure is not None
+        r, step, mine = task.round, task.meta.get("step"), self.trained
+        reply: dict[str, object] | str | None = None
+        if step == "roster":
+            reply = self.secure.roster(r, task.meta)
+        elif step == "unmask":
+            reply = self.secure.unmask(r, task.meta)
+        elif step != "shares":
+            reply = f"unexpected secagg step from the server: {step!r}"[:80]
+        elif mine is None or mine.round != r or mine.delta is None:
+            reply = "secagg shares for a round we did not train in"
+        elif (why := self.secure.shares(r, task.meta)) is not None:
+            reply = why
+        elif isinstance(q := self.secure.masked_input(r, mine.delta), str):
+            reply = q
+        else:
+            if self.plan.faults.crash_after_masking and not self.plan.resume:
+                crash = self.plan.faults.crash_round
+                if crash is not None and r >= crash:
+                    die(self.log)  # the masks are fixed: the others must recover ours
+            if q.out_of_range:
+                self.log.warning(
+                    "secagg_out_of_range", coordinates=q.out_of_range, max_abs=q.max_abs
+                )
+            now = time.monotonic()
+            self.port.carry_out([self.machine.masked(r, mine.loss, q.values, q.out_of_range, now)])
+            if self._unsaved is not None and self._unsaved[1] == r:
+                self.learner.save(*self._unsaved)
+                self._unsaved = None
+        if isinstance(reply, str):
+            self.log.warning("message_dropped", reason=reply, step=str(step)[:20])
+        elif reply is not None:
+            self.port.carry_out([self.machine.secagg(r, reply, time.monotonic())])
 
     def _restore(self) -> TrainState:
         """The checkpointed state (`--resume`: its optimizer state and key count; the
@@ -183,12 +250,17 @@ class FedClient:
         samples = self.machine.config.samples
         self.log.info("peer_started", coordinator=self.plan.control, samples=samples)
         crash = None if self.plan.resume else self.plan.faults.crash_round
-        while isinstance(task := self._next(), Train):
+        if self.plan.faults.crash_after_masking:
+            crash = None  # it dies in `_secure_step` instead
+        while not isinstance(task := self._next(), Finish):
+            if isinstance(task, Secure):
+                self._secure_step(task)
+                continue
             structlog.contextvars.bind_contextvars(round=task.round)
             if crash is not None and task.round >= crash:
                 die(self.log)
-            state, _ = self._adopt(task.round - 1, task.params, task.size, state)
-            state = self._train(task.round, state)
+            state, start = self._adopt(task.round - 1, task.params, task.size, state)
+            state = self._train(task.round, state, start)
         structlog.contextvars.unbind_contextvars("round")
         state, params = self._adopt(task.round, task.params, task.size, state)
         save_model(self.out_dir / "models" / f"peer-{self.id}.npz", params)

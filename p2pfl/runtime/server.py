@@ -35,6 +35,24 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
+def secagg_record(closed: ClosedRound | None) -> dict[str, object] | None:
+    """A secure round's line: how many fixed masks, who dropped, the threshold, and how
+    many coordinates were clipped to the declared range (None for round 0)."""
+    if closed is None:
+        return None
+    s = closed.secure
+    if s is None:
+        return {"failure": closed.secure_failure}
+    return {
+        "fixed": s.fixed,
+        "survivors": len(s.inputs),
+        "recovered": sorted(s.dropped_secrets),
+        "threshold": s.threshold,
+        "scale": s.scale,
+        "out_of_range": s.out_of_range,
+    }
+
+
 class SessionAbortedError(RuntimeError):
     """The server gave up (too few peers); peers were told why in end_session."""
 
@@ -51,10 +69,11 @@ class FedServer:
         self.out_dir = plan.run.out
         self.server = build_server(plan.learning)
         model = as_numpy(self.server.params)
-        shapes = {"params": (self.server.trainer.n_params,)}
+        n = self.server.trainer.n_params
+        shapes = {"params": (n,), "masked": (n,)}
         self.log = log.bind(peer="coordinator", role="server")
         self.machine = FedAvgServer(plan.server, model, time.monotonic(), self.log)
-        expect = wire.Expect(plan.run.digest, plan.run.peers - 1, shapes)
+        expect = wire.Expect(plan.run.digest, plan.run.peers - 1, shapes, {"masked": "uint32"})
         self.hub = Hub(plan.control, plan.updates, expect.max_frames, plan.keys)
         self.saved = False  # the final model is saved (once end_session went out)
         self.port = HubPort(
@@ -111,6 +130,7 @@ class FedServer:
                 eval_s=eval_s,
                 t=time.perf_counter() - self.t0,
                 time=time.time(),
+                secagg=secagg_record(closed) if self.plan.server.secagg_range else None,
             )
         )
         if self.plan.run.every_round and round_ > 0:
@@ -124,13 +144,16 @@ class FedServer:
         last round, so its bytes are on its line), record it."""
         t = time.perf_counter()
         model = self.machine.model
-        if closed.weights:  # quorum_missed: the global model is kept
+        if closed.secure is not None:  # only the masked inputs' sum is ever unmasked
+            model = (model + closed.secure.mean_update()).astype(np.float32)
+        elif closed.weights:  # quorum_missed: the global model is kept
             models, weights = stack_updates(closed)
             dp = self.plan.privacy
             if dp is None:
                 model = np.asarray(self.plan.aggregator(models, weights))
             else:  # central DP: clipped sum + noise over a fixed denominator
                 from p2pfl.core import privacy  # JAX's noise, loaded only when it is used
+
                 key = privacy.noise_key(self.plan.run.seed, self.plan.run.peers, closed.round)
                 expected = dp.q * len(closed.connected)
                 model = np.asarray(privacy.central_mean(model, models, dp, expected, key))

@@ -5,7 +5,10 @@ sampled peers adopt the global model, train and send their (transformed) update;
 server keeps the finite ones, closes the round by `close_reason` and aggregates them
 in id order with the plan's rule. Every peer writes the lines
 `protocol.fedavg_client.lines_on_adopt` says a networked client writes, and the
-server one `coordinator.jsonl` line per round.
+server one `coordinator.jsonl` line per round. With secure aggregation the server
+gets the fixed-point weighted mean a masked round unmasks (`core.secagg`: the masks
+cancel exactly, so they are skipped); a peer that crashes in a round, even after
+masking, is left out of it as at the round's start.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p2pfl.core import privacy, streams
+from p2pfl.core import privacy, secagg, streams
 from p2pfl.protocol.fedavg_client import lines_on_adopt
 from p2pfl.protocol.fedavg_rounds import close_reason, sample
 from p2pfl.record.history import ServerRecord
@@ -78,15 +81,35 @@ class CentralizedRun(Run):
             else:
                 losses = np.zeros(0)
                 sent = np.zeros((0, c.updates.shape[1]), np.float32)
+            secure_range = cfg.secagg_range
             finite = np.isfinite(sent).all(axis=1)
+            if secure_range is not None:  # masked: the server cannot tell a NaN apart
+                finite = np.ones(len(rows), bool)
             accepted = [int(i) for i, ok in zip(rows, finite, strict=True) if ok]
             closed_by = close_reason(accepted, sampled, set(sampled) - set(dying), cfg.min_updates)
             t = time.perf_counter()
-            loss = None
+            loss: float | None = None
+            secure: dict[str, object] | None = None
+            if secure_range is not None and len(accepted) < secagg.MIN_PEERS:
+                need = max(secagg.MIN_PEERS, cfg.min_updates)
+                secure = {"failure": f"{len(accepted)} peers sent keys, {need} needed"}
+                closed_by = "quorum_missed"
             if closed_by != "quorum_missed" and accepted:
                 counts = self.pop.n_train[accepted].astype(np.float64)
                 w = np.ones(len(accepted)) if cfg.weighting == "uniform" else counts
-                if p.privacy is not None and p.privacy.where == "server":  # central DP
+                if secure_range is not None:
+                    g = np.asarray(global_model, np.float64)
+                    mean, over = secagg.fixed_point_mean(sent - g, w, secure_range)
+                    global_model = jnp.asarray(g + mean, jnp.float32)
+                    secure = {
+                        "fixed": len(accepted),
+                        "survivors": len(accepted),
+                        "recovered": [],
+                        "threshold": secagg.threshold(len(accepted)),
+                        "scale": secagg.scale_for(secure_range, len(accepted)),
+                        "out_of_range": over,
+                    }
+                elif p.privacy is not None and p.privacy.where == "server":  # central DP
                     key = privacy.noise_key(p.run.seed, n, r)
                     expected = p.privacy.q * len(live)
                     global_model = privacy.central_mean(
@@ -99,7 +122,7 @@ class CentralizedRun(Run):
             aggregate_s = time.perf_counter() - t
             self.global_model = global_model
             closed = (sampled, accepted, live, closed_by, loss)
-            hold = self.server_line(r, closed, aggregate_s)
+            hold = self.server_line(r, closed, aggregate_s, secure)
             self.progress(r, np.array([hold]), len(live))
         final = [int(i) for i in everyone[self.schedule.alive(p.run.rounds + 1)]]
         self.adopt(np.array(final, int), c, p.run.rounds)
@@ -155,7 +178,13 @@ class CentralizedRun(Run):
             )
             c.recorded[on_global] = done
 
-    def server_line(self, round_: int, closed: tuple[Any, ...] | None, aggregate_s: float) -> float:
+    def server_line(
+        self,
+        round_: int,
+        closed: tuple[Any, ...] | None,
+        aggregate_s: float,
+        secure: dict[str, object] | None = None,
+    ) -> float:
         t = time.perf_counter()
         assert self.global_model is not None
         acc, loss = population.evaluate_holdout(self.pop, self.global_model)
@@ -180,6 +209,7 @@ class CentralizedRun(Run):
                 eval_s=eval_s,
                 t=time.perf_counter() - self.t0,
                 time=time.time(),
+                secagg=secure,
             )
         )
         self.global_holdout = acc
