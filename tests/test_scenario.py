@@ -226,6 +226,36 @@ BAD = [
         "shards_per_peer = 20\n",
         ["topology.peers = 8", "'shards'", "160"],
     ),
+    (
+        "secure aggregation in gossip",
+        '[privacy]\nsecure_aggregation = true\n',
+        ["privacy.secure_aggregation", "mode = 'gossip'"],
+    ),
+    (
+        "secure aggregation with 2 sampled peers",
+        'mode = "centralized"\n[centralized]\nfraction = 0.25\n[privacy]\nsecure_aggregation = true\n',
+        ["privacy.secure_aggregation", "2 peers sampled", "fraction = 0.25"],
+    ),
+    (
+        "secure aggregation with a robust aggregator",
+        'mode = "centralized"\n[centralized]\naggregator = "median"\n[privacy]\nsecure_aggregation = true\n',
+        ["privacy.secure_aggregation", "centralized.aggregator = 'median'"],
+    ),
+    (
+        "secure aggregation with central DP",
+        'mode = "centralized"\n[privacy]\nsecure_aggregation = true\nmechanism = "update"\nwhere = "server"\n',
+        ["privacy.secure_aggregation", "where = 'server'"],
+    ),
+    (
+        "secure aggregation range not positive",
+        'mode = "centralized"\n[privacy]\nsecure_aggregation = true\nsecagg_range = 0.0\n',
+        ["privacy.secagg_range", "0.0"],
+    ),
+    (
+        "crash after masking without secure aggregation",
+        'mode = "centralized"\n[[faults.crash]]\npeer = 1\nat_round = 2\nphase = "after_masking"\n',
+        ["faults.crash phase = 'after_masking'", "privacy.secure_aggregation"],
+    ),
     ("invalid TOML", "[topology\npeers = 8\n", ["not valid TOML"]),
     ("duplicate key", "[topology]\npeers = 8\npeers = 9\n", ["not valid TOML"]),
 ]

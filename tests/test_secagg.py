@@ -24,7 +24,7 @@ def _updates(n, d, seed=0):
 
 def _mask_all(deltas, weights, round_=3):
     """Every peer's masked input, by hand from the core functions (nobody dropped)."""
-    n, d = deltas.shape
+    n = len(deltas)
     pairs = {u: secagg.keypair() for u in range(n)}
     seeds = {u: bytes([u + 1]) * 32 for u in range(n)}
     scale = secagg.scale_for(RANGE, n)

@@ -36,10 +36,11 @@ def test_masked_fedavg_equals_plain_fedavg_on_the_quickstart(make_scenario, laun
         rc, out = run.wait(timeout=240)
         assert rc == 0, out
     a, b = (run.out for run in runs)
-    assert _rel(_global(b, 1), _global(a, 1)) <= 1e-5
+    rel = [_rel(_global(b, r), _global(a, r)) for r in (1, 2, 3)]
+    print(f"masked vs plain FedAvg, relative difference by round: {rel}")
+    assert rel[0] <= 1e-5
     assert not np.array_equal(_global(b, 1), _global(a, 1))  # quantised: not the plain mean
-    for r in (2, 3):
-        assert _rel(_global(b, r), _global(a, r)) <= 1e-4
+    assert max(rel) <= 1e-4
     lines = read_jsonl(b / "coordinator.jsonl")
     assert lines[0]["secagg"] is None
     for line in lines[1:]:
