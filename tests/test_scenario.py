@@ -16,6 +16,8 @@ from p2pfl.core.graphs import build_graph
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.toml"))
 
+SECAGG = "[privacy]\nsecure_aggregation = true\n"
+
 # (id, TOML text, fragments the error message must contain)
 BAD = [
     ("unknown top-level field", 'nmae = "x"\n', ["nmae", "unknown field"]),
@@ -228,27 +230,27 @@ BAD = [
     ),
     (
         "secure aggregation in gossip",
-        '[privacy]\nsecure_aggregation = true\n',
+        SECAGG,
         ["privacy.secure_aggregation", "mode = 'gossip'"],
     ),
     (
         "secure aggregation with 2 sampled peers",
-        'mode = "centralized"\n[centralized]\nfraction = 0.25\n[privacy]\nsecure_aggregation = true\n',
+        'mode = "centralized"\n[centralized]\nfraction = 0.25\n' + SECAGG,
         ["privacy.secure_aggregation", "2 peers sampled", "fraction = 0.25"],
     ),
     (
         "secure aggregation with a robust aggregator",
-        'mode = "centralized"\n[centralized]\naggregator = "median"\n[privacy]\nsecure_aggregation = true\n',
+        'mode = "centralized"\n[centralized]\naggregator = "median"\n' + SECAGG,
         ["privacy.secure_aggregation", "centralized.aggregator = 'median'"],
     ),
     (
         "secure aggregation with central DP",
-        'mode = "centralized"\n[privacy]\nsecure_aggregation = true\nmechanism = "update"\nwhere = "server"\n',
+        'mode = "centralized"\n' + SECAGG + 'mechanism = "update"\nwhere = "server"\n',
         ["privacy.secure_aggregation", "where = 'server'"],
     ),
     (
         "secure aggregation range not positive",
-        'mode = "centralized"\n[privacy]\nsecure_aggregation = true\nsecagg_range = 0.0\n',
+        'mode = "centralized"\n' + SECAGG + "secagg_range = 0.0\n",
         ["privacy.secagg_range", "0.0"],
     ),
     (
