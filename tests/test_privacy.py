@@ -151,6 +151,27 @@ def test_defaults_and_calibration_from_the_scenario():
     assert privacy.release_epsilon(target, 20) == pytest.approx(5.0, rel=0.02)
 
 
+def test_dp_sgd_target_epsilon_is_met_by_every_shard_size():
+    """DP-SGD's q and steps differ by shard size: the calibrated σ brings the worst-placed
+    peer to the target and every other one under it (a Dirichlet split: many sizes)."""
+    from p2pfl.config.privacy import shard_sizes
+
+    raw = {
+        "data": {"partition": "dirichlet", "alpha": 0.5},
+        "training": {"rounds": 10},
+        "privacy": {"mechanism": "dp_sgd", "target_epsilon": 3.0},
+    }
+    s = parse(raw)
+    dp = dp_plan(s)
+    sizes = shard_sizes(s)
+    assert len(sizes) > 2
+    eps = [privacy.spent(dp, 10, 10, n).epsilon for n in sizes]
+    assert max(eps) <= 3.0 * (1 + 1e-6)
+    assert max(eps) == pytest.approx(3.0, rel=0.02)
+    with pytest.raises(ScenarioError, match=r"privacy\.target_epsilon = 1e-06: .*cannot be met"):
+        parse({**raw, "privacy": {"mechanism": "dp_sgd", "target_epsilon": 1e-6}})
+
+
 def test_central_mean_clips_each_update_and_noises_the_sum_once():
     dp = privacy.DpPlan(clip=1.0, sigma=1e-7, delta=1e-5, where="server", q=0.5)
     g = np.zeros(4, np.float32)

@@ -169,6 +169,13 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     s = roles.scenario(args.scenario)
     dp = dp_plan(s)
     console = Console()
+    if s.privacy.secure_aggregation:
+        console.print(
+            f"{s.name}: secure aggregation: the server unmasks only the sum of each round's "
+            f"updates (each coordinate clipped to ±{s.privacy.secagg_range:g}); it adds no "
+            "noise and spends no ε",
+            markup=False,
+        )
     if dp is None:
         console.print(
             f"{s.name}: no differential privacy ([privacy] mechanism = 'none')", markup=False

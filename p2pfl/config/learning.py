@@ -42,16 +42,10 @@ def _dp_sgd(s: Scenario) -> DpSgd | None:
     return DpSgd(dp.clip, dp.sigma)
 
 
-def learning_spec(
-    s: Scenario, model: ModelLike | None = None, data: DataLike | None = None
-) -> LearningSpec:
-    """What every peer of `s` learns: data and split, model, local training.
-
-    `model` (a factory) and `data` (a loader or arrays) override the file's
-    `model.factory` / `data.loader` and make the model / dataset custom; given, they are
-    checked at once (raises ScenarioError naming the field).
-    """
-    d, m, t = s.data, s.model, s.training
+def data_spec(s: Scenario, data: DataLike | None = None) -> DataSpec:
+    """Where every peer's data comes from and how it is split (`data`: as in
+    `learning_spec`)."""
+    d = s.data
     folder = str(Path(s.base_dir).absolute())
     loader: Any = d.loader
     if isinstance(data, tuple | list):
@@ -60,7 +54,7 @@ def learning_spec(
         loader = Given(tuple(data))
     elif data is not None:
         loader = data
-    spec_data = DataSpec(
+    return DataSpec(
         dataset="custom" if data is not None else d.dataset,
         peers=s.peers,
         seed=s.seed,
@@ -78,6 +72,20 @@ def learning_spec(
         loader=loader,
         import_dir=folder,
     )
+
+
+def learning_spec(
+    s: Scenario, model: ModelLike | None = None, data: DataLike | None = None
+) -> LearningSpec:
+    """What every peer of `s` learns: data and split, model, local training.
+
+    `model` (a factory) and `data` (a loader or arrays) override the file's
+    `model.factory` / `data.loader` and make the model / dataset custom; given, they are
+    checked at once (raises ScenarioError naming the field).
+    """
+    m, t = s.model, s.training
+    folder = str(Path(s.base_dir).absolute())
+    spec_data = data_spec(s, data)
     spec_model = ModelSpec(
         kind="custom" if model is not None else m.kind,
         hidden=tuple(m.hidden),

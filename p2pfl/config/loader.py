@@ -184,12 +184,6 @@ def _check_privacy(s: Scenario) -> None:
             "privacy.where = 'server' is for mechanism = 'update' (the server noises the "
             "aggregate); dp_sgd noises inside each peer's training: leave where = 'peer'"
         )
-    if p.mechanism == "dp_sgd" and p.target_epsilon is not None:
-        raise ScenarioError(
-            "privacy.target_epsilon with mechanism = 'dp_sgd' is not supported yet (each "
-            "peer's q and steps depend on its shard size): set privacy.noise_multiplier, "
-            "and `p2pfl privacy SCENARIO` prints the ε it gives"
-        )
     if p.where == "server":
         if s.mode != "centralized":
             raise ScenarioError(

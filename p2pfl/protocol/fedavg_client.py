@@ -31,6 +31,7 @@ from p2pfl.protocol.liveness import Liveness
 
 Logger = Any  # a structlog logger, bound or not
 EvaluatedOn = Literal["global", "update"]  # what a history line's accuracy was measured on
+MAX_SECURE_QUEUED = 16  # secagg steps held while training (a secure round sends 3)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,10 @@ class FedAvgClient:
             self._found = event
             self._secure = [e for e in self._secure if e.msg.round >= msg.round]
         elif msg.type == "secagg" and self.config.secagg_range is not None:
-            self._secure.append(event)
+            if len(self._secure) >= MAX_SECURE_QUEUED:  # a round has 3 steps: a flood
+                self.log.warning("message_dropped", reason="too many queued secagg steps")
+            else:
+                self._secure.append(event)
         elif msg.type != "heartbeat":
             self.log.warning("message_dropped", reason=f"unexpected type {msg.type!r}")
         return []
