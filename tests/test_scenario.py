@@ -309,6 +309,19 @@ def test_launch_validates_before_anything_starts(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_compare_validates_both_modes_before_either_runs(tmp_path, capsys):
+    """Secure aggregation is centralized-only: `p2pfl compare` refuses it (exit 2, the
+    field named) before the centralized run starts, not after it finished."""
+    path = tmp_path / "secure.toml"
+    path.write_text('mode = "centralized"\n' + SECAGG)
+    out = tmp_path / "both"
+    code = main(["compare", str(path), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "privacy.secure_aggregation" in err and "mode = 'gossip'" in err
+    assert not out.exists()
+
+
 def test_unknown_field_lists_every_error(tmp_path):
     """Several bad fields in one file are all reported, not only the first."""
     path = tmp_path / "bad.toml"

@@ -110,8 +110,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console = Console()
     folders: dict[str, Path] = {}
     failed = False
-    for mode in ("centralized", "gossip"):
-        s = with_mode(base, mode)
+    # both modes validated before either runs (a setting gossip refuses stops it here)
+    scenarios = {mode: with_mode(base, mode) for mode in ("centralized", "gossip")}
+    for mode, s in scenarios.items():
         folders[mode] = root / mode
         console.rule(f"{s.name}: {mode}" + (" (simulated)" if args.engine == "sim" else ""))
         try:
