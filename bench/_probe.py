@@ -146,7 +146,7 @@ def compute(scenario_path: str, reps: int) -> None:
         state = learner.local.state
         train, evals = [], []
         for i in range(reps + 2):
-            trained = learner.train(state)  # train_s: as the peer's history line has it
+            trained = learner.train(state, i + 1)  # train_s: as the peer's history line has it
             state = trained.state
             *_, eval_s = learner.evaluate(state.params)
             if i >= 2:  # the first calls compile (or load from the cache)
@@ -264,7 +264,7 @@ def overhead(scenario_path: str, reps: int) -> None:
             sync.enter(r)
         structlog.contextvars.bind_contextvars(round=r)
         t0 = time.perf_counter()
-        trained = learner.train(state)
+        trained = learner.train(state, r)
         state, own = trained.state, trained.model
         t0 = lap("Learner.train (train step, to numpy, loss, transform)", t0)
         with lock:
