@@ -1,5 +1,5 @@
-"""A FedAvg round's values and pure decisions: who is sampled, what an update must carry,
-why a round closed, and the updates as the aggregator takes them.
+"""A FedAvg round's values and pure decisions: the server's settings, who is sampled, what
+an update must carry, why a round closed, and the updates as the aggregator takes them.
 
 The server machine (`fedavg_server`) applies these; the simulator can call the same
 functions, so both sample and close rounds alike.
@@ -18,7 +18,7 @@ from p2pfl.core.streams import SAMPLE, rng
 from p2pfl.protocol import wire
 
 if TYPE_CHECKING:
-    from p2pfl.protocol.secagg import SecureSum
+    from p2pfl.protocol.secagg_server import SecureSum
 
 MAX_SAMPLES = 2**31 - 1  # largest sample count an update may claim
 ClosedBy = Literal["all_in", "early", "deadline", "quorum_missed"]
@@ -73,6 +73,26 @@ class ClosedRound:
         if not losses or self.closed_by == "quorum_missed":
             return None
         return sum(n * x for n, x in losses) / sum(n for n, _ in losses)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server decides with: plain values (the runtime builds them from a scenario)."""
+
+    peers: int  # peer ids are 0 .. peers - 1
+    rounds: int
+    seed: int
+    min_peers: int  # fresh peers needed before a round starts
+    fraction: float = 1.0  # share of the fresh peers sampled per round
+    min_updates: int = 1  # updates a round closed at its deadline needs
+    round_timeout_s: float = 30.0
+    startup_timeout_s: float = 60.0  # longest wait for min_peers before a round
+    heartbeat_s: float = 0.5
+    peer_timeout_s: float = 10.0  # a peer silent this long is not sampled, nor heartbeated
+    coordinator_timeout_s: float = 10.0  # the peers' patience: the bye wait is at least this
+    weighting: Literal["samples", "uniform"] = "samples"
+    poisson: bool = False  # central DP: each peer sampled independently (see `sample`)
+    secagg_range: float | None = None  # secure aggregation: each coordinate's |Δ| bound
 
 
 def sample(

@@ -34,15 +34,15 @@ from p2pfl.protocol import wire
 from p2pfl.protocol.events import Event, Malformed, Send
 from p2pfl.protocol.fedavg_members import Member, Members
 from p2pfl.protocol.fedavg_rounds import (
-    ClosedBy,
     ClosedRound,
+    ServerConfig,
     Update,
     close_reason,
     parse_update,
     sample,
     stack_updates,
 )
-from p2pfl.protocol.secagg import SecAggRound
+from p2pfl.protocol.secagg_server import SecAggRound
 
 __all__ = ["ClosedRound", "FedAvgServer", "ServerConfig", "Update", "stack_updates"]
 
@@ -51,26 +51,6 @@ END_RETRY_S = 0.1  # while waiting for byes, retry an end_session that was not q
 
 Logger = Any  # a structlog logger, bound or not
 Phase = Literal["idle", "waiting", "open", "closing", "ending", "done", "aborted"]
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What the server decides with: plain values (the runtime builds them from a scenario)."""
-
-    peers: int  # peer ids are 0 .. peers - 1
-    rounds: int
-    seed: int
-    min_peers: int  # fresh peers needed before a round starts
-    fraction: float = 1.0  # share of the fresh peers sampled per round
-    min_updates: int = 1  # updates a round closed at its deadline needs
-    round_timeout_s: float = 30.0
-    startup_timeout_s: float = 60.0  # longest wait for min_peers before a round
-    heartbeat_s: float = 0.5
-    peer_timeout_s: float = 10.0  # a peer silent this long is not sampled, nor heartbeated
-    coordinator_timeout_s: float = 10.0  # the peers' patience: the bye wait is at least this
-    weighting: Literal["samples", "uniform"] = "samples"
-    poisson: bool = False  # central DP: each peer sampled independently (see `sample`)
-    secagg_range: float | None = None  # secure aggregation: each coordinate's |Δ| bound
 
 
 @dataclass
@@ -89,7 +69,8 @@ class _Round:
     def close(self, round_: int, config: ServerConfig) -> ClosedRound:
         """This round closed with what came: why, and its weights (none if quorum_missed)."""
         if self.secure is not None:
-            return self._close_secure(round_, config, self.secure)
+            last = round_ == config.rounds
+            return self.secure.closed(self.connected, self.started, self.quorum_wait_s, last=last)
         closed_by = close_reason(self.updates, self.sampled, self.expected, config.min_updates)
         weights = {}
         if closed_by != "quorum_missed":
@@ -105,32 +86,6 @@ class _Round:
             started=self.started,
             quorum_wait_s=self.quorum_wait_s,
             last=round_ == config.rounds,
-        )
-
-    def _close_secure(self, round_: int, config: ServerConfig, sa: SecAggRound) -> ClosedRound:
-        """A secure round: the survivors' masked inputs, and the secrets in `secure`."""
-        closed_by: ClosedBy = "quorum_missed"
-        updates: dict[int, Update] = {}
-        if sa.result is not None:
-            survivors = sa.survivors
-            closed_by = "all_in" if len(survivors) == len(self.sampled) else "early"
-            if sa.timed_out and closed_by == "early":
-                closed_by = "deadline"
-            updates = {
-                u: Update(sa.masked[u], sa.adverts[u].samples, sa.losses[u]) for u in survivors
-            }
-        return ClosedRound(
-            round=round_,
-            closed_by=closed_by,
-            sampled=self.sampled,
-            connected=self.connected,
-            updates=updates,
-            weights={u: float(w) for u, w in sa.weights.items()} if sa.result else {},
-            started=self.started,
-            quorum_wait_s=self.quorum_wait_s,
-            last=round_ == config.rounds,
-            secure=sa.result,
-            secure_failure=sa.failure,
         )
 
 
@@ -429,11 +384,7 @@ class FedAvgServer:
         elif msg.sender in r.updates:
             self._drop("duplicate update for this round", sender=msg.sender)
         elif r.secure is not None:
-            masked = msg.arrays.get("masked")
-            why = "secure round: update without masked" if masked is None else None
-            if masked is not None:
-                why = r.secure.on_masked(msg.sender, masked, msg.meta)
-            if why is not None:
+            if (why := r.secure.on_masked(msg)) is not None:
                 self._drop(why, sender=msg.sender)
             else:
                 self.membership.heard(msg.sender, now)
