@@ -12,7 +12,7 @@ from p2pfl.core import secagg
 from p2pfl.protocol import wire
 from p2pfl.protocol.events import Received, Send
 from p2pfl.protocol.fedavg_server import FedAvgServer, ServerConfig
-from p2pfl.protocol.secagg import MAX_PEERS, SecAggPeer
+from p2pfl.protocol.secagg import MAX_PEERS, KeyAuth, SecAggPeer
 
 RANGE = 0.5
 
@@ -138,11 +138,17 @@ def _decoded(send: Send, sender: int) -> wire.Message:
 class Net:
     """A server machine and N secure peers, wired in process (no clients' other logic)."""
 
-    def __init__(self, **overrides):
+    def __init__(self, auth=False, **overrides):
         settings = {"peers": N, "rounds": 2, "seed": 1, "min_peers": N, "min_updates": 2}
         settings |= {"secagg_range": RANGE, "peer_timeout_s": 2.0} | overrides
         self.server = FedAvgServer(ServerConfig(**settings), np.zeros(D, np.float32), 0.0)
-        self.peers = {u: SecAggPeer(u, RANGE) for u in range(N)}
+        static = {u: secagg.keypair() for u in range(N)}  # stand-ins for CurveZMQ pairs
+        publics = {u: k.public for u, k in static.items()}
+        self.peers = {
+            u: SecAggPeer(u, RANGE, KeyAuth(static[u].secret, publics) if auth else None)
+            for u in range(N)
+        }
+        self.relay = lambda send: send  # what the server does to a send on its way
         self.samples = {u: 10 * (u + 1) for u in range(N)}
         self.deltas = np.random.default_rng(3).normal(0, 0.05, (N, D))
         self.dead: set[int] = set()
@@ -168,7 +174,7 @@ class Net:
         for s in sends:
             if s.to in self.dead or s.type not in ("start_round", "secagg"):
                 continue
-            msg = _decoded(s, COORD)
+            msg = _decoded(self.relay(s), COORD)
             u, peer = s.to, self.peers[s.to]
             if s.type == "start_round":
                 self.to_server(u, "secagg", msg.round, peer.keys(msg.round, self.samples[u]))
@@ -277,6 +283,46 @@ def test_a_peer_never_gives_both_secrets_of_one_peer():
     assert "does not split" in peer.unmask(1, overlap)
     few = {"step": "unmask", "survivors": [0, 1], "dropped": [2, 3, 4]}
     assert "too few survivors" in peer.unmask(1, few)
+
+
+def test_keys_vouched_for_by_long_term_keys_go_through():
+    net = Net(auth=True)
+    net.join()
+    closed = net.server.closing
+    assert closed is not None and closed.closed_by == "all_in" and net.refusals == []
+    want = _weighted(net, list(range(N)))
+    assert np.linalg.norm(closed.secure.mean_update() - want) / np.linalg.norm(want) <= 1e-5
+
+
+def test_a_relay_that_swaps_a_peers_keys_is_refused():
+    """A malicious server puts its own keys for peer 3 in the roster it relays to the
+    others: each of them sees peer 3's tag fail and sends no shares, so the round fails
+    without a secret; without long-term keys the swap would have gone through."""
+    fake = secagg.keypair().public
+
+    def swap(send):
+        if send.meta.get("step") != "roster" or send.to == 3:
+            return send
+        peers = [[u, c, fake if u == 3 else s, w, t] for u, c, s, w, t in send.meta["peers"]]
+        return Send(send.to, send.type, send.round, {"step": "roster", "peers": peers})
+
+    for auth in (True, False):
+        net = Net(auth=auth)
+        net.relay = swap
+        net.join()
+        for _ in range(80):
+            net.tick(0.5)
+        refused = [r for r in net.refusals if "keys of peer 3 are not vouched for" in r]
+        if auth:
+            assert len(refused) == N - 1
+            assert net.server.closing.closed_by == "quorum_missed"
+            assert "1 peers sent shares" in net.server.closing.secure_failure
+        else:  # it went through unnoticed: the masks with peer 3 no longer cancel
+            closed = net.server.closing
+            assert refused == [] and closed.closed_by == "all_in"
+            want = _weighted(net, list(range(N)))
+            error = np.linalg.norm(closed.secure.mean_update() - want) / np.linalg.norm(want)
+            assert error > 1.0
 
 
 def test_bad_secagg_messages_are_dropped_with_a_reason():

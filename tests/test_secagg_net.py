@@ -52,7 +52,8 @@ def test_masked_fedavg_equals_plain_fedavg_on_the_quickstart(make_scenario, laun
 
 
 def test_a_peer_killed_after_masking_is_recovered_and_rounds_go_on(make_scenario, launch_run):
-    """5 peers (t = 3); peer 2 is SIGKILLed in round 2 once its masks are fixed, before
+    """5 peers over CURVE (t = 3; each round's keys vouched for by the peers' CurveZMQ
+    keys); peer 2 is SIGKILLed in round 2 once its masks are fixed, before
     its masked input goes out, and restarted from its checkpoint: round 2 closes early
     with the other four, its masks recovered from their shares; rounds 3-4 go on with
     all five. The simulator, which leaves the crashed peer out of round 2 and back from
@@ -65,6 +66,7 @@ def test_a_peer_killed_after_masking_is_recovered_and_rounds_go_on(make_scenario
             "training": {"rounds": 4},
             "centralized": {"peer_timeout_s": 2.0, "heartbeat_s": 0.25},
             "privacy": {"secure_aggregation": True},
+            "security": {"keys": "auto"},  # CURVE, and each round's keys vouched for
             "faults": {
                 "crash": [
                     {"peer": 2, "at_round": 2, "phase": "after_masking", "rejoin_after_s": 0.5}

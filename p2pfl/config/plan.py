@@ -32,9 +32,10 @@ from p2pfl.core.graphs import Mixing
 from p2pfl.core.privacy import DpPlan
 from p2pfl.core.transforms import OUTGOING_ATTACKS, ModelTransform, attack_transform, identity
 from p2pfl.learning.local import LearningSpec
-from p2pfl.net.keys import KeyFileError, Keyring, keyring
+from p2pfl.net.keys import KeyFileError, Keyring, keyring, raw
 from p2pfl.protocol.fedavg_client import ClientConfig
 from p2pfl.protocol.fedavg_server import ServerConfig
+from p2pfl.protocol.secagg import KeyAuth
 from p2pfl.protocol.sync import SyncConfig
 
 
@@ -103,6 +104,7 @@ class ClientPlan:
     resume: bool = False
     keys: Keyring | None = None  # CURVE: its pair and the coordinator's key
     privacy: DpPlan | None = None  # [privacy] mechanism = "update" (local or central)
+    secagg_auth: KeyAuth | None = None  # secure aggregation with keys: every peer's key
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,20 @@ def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> C
         resume=resume,
         keys=node_keys(s, out, peer_id, [s.peers]),
         privacy=dp_plan(s),
+        secagg_auth=_secagg_auth(s, out, peer_id),
     )
+
+
+def _secagg_auth(s: Scenario, out: Path, peer_id: int) -> KeyAuth | None:
+    """With secure aggregation and CURVE keys: the peer's pair and every peer's public
+    key, raw, which vouch for each round's keys (None otherwise)."""
+    if not s.privacy.secure_aggregation:
+        return None
+    ring = node_keys(s, out, peer_id, range(s.peers))
+    if ring is None:
+        return None
+    publics = {j: raw(k) for j, k in ring.known.items() if j < s.peers}
+    return KeyAuth(raw(ring.secret), publics)
 
 
 def _secagg_range(s: Scenario) -> float | None:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -36,6 +36,7 @@ SHARE_BYTES = 66  # a field element, big-endian
 KEY_BYTES = 32
 NONCE_BYTES = 12
 SEALED_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + 16  # nonce, two shares, the AEAD tag
+TAG_BYTES = 16  # a key tag: HMAC-SHA256 under the pair's static key, truncated
 MIN_PEERS = 3  # fewer and the sum (with one's own update) reveals the other's update
 
 
@@ -220,6 +221,20 @@ def unseal(secret: bytes, public: bytes, aad: bytes, sealed: bytes) -> bytes | N
         return ChaCha20Poly1305(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
     except (InvalidTag, ValueError):
         return None
+
+
+def auth_key(static_secret: bytes, static_public: bytes) -> bytes:
+    """The key two peers share from their long-term (CurveZMQ) X25519 keys: only they can
+    compute it, the server that relays their messages cannot."""
+    return _derive(static_secret, static_public, b"auth")
+
+
+def key_tag(key: bytes, round_: int, sender: int, c: bytes, s: bytes) -> bytes:
+    """What vouches for `sender`'s round keys (c, s) to one other peer: an HMAC under
+    their `auth_key`. The server relays it and can neither forge it nor swap the keys."""
+    mac = hmac.HMAC(key, hashes.SHA256())
+    mac.update(b"p2pfl-secagg/keys/%d/%d/" % (round_, sender) + c + s)
+    return mac.finalize()[:TAG_BYTES]
 
 
 def share_aad(round_: int, sender: int, holder: int) -> bytes:

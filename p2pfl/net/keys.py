@@ -59,6 +59,11 @@ class Keyring:
             raise KeyFileError(f"no public key for node {node} in this keyring") from None
 
 
+def raw(key: bytes) -> bytes:
+    """A Z85 key as its 32 raw bytes (the X25519 key CurveZMQ uses)."""
+    return bytes(z85.decode(key))
+
+
 def node_name(node: int, peers: int) -> str:
     """The file stem of a node's keys: `peer-<id>`, or `coordinator` for id `peers`."""
     return "coordinator" if node == peers else f"peer-{node}"

@@ -5,9 +5,11 @@ A secure round runs inside a FedAvg round, after start_round. Every message is a
 which is an `update` carrying the array `masked` (uint32) on the update channel:
 
 1. keys (peer → server): two fresh X25519 public keys, `c` (to seal shares) and `s`
-   (to agree masks), and the peer's sample count. The server waits for every sampled
-   peer (or `keys_s`); those that answered are U1.
-2. roster (server → U1): every member of U1 with its keys and FedAvg weight. Each peer
+   (to agree masks), the peer's sample count and (with long-term keys) a tag for each
+   other peer. The server waits for every sampled peer (or `KEYS_S`); those that
+   answered are U1.
+2. roster (server → U1): every member of U1 with its keys, FedAvg weight and its tag
+   for the receiver (a peer with long-term keys refuses keys not vouched for). Each peer
    draws its self-mask seed b, splits b and its mask key's secret into Shamir shares
    (threshold t = ⌊|U1|/2⌋ + 1, one share per member of U1, its own kept), seals each
    to its holder and sends them back (shares, peer → server). Senders are U2.
@@ -24,8 +26,10 @@ fewer than t unmask answers) closes `quorum_missed`: the global model is kept an
 secret is asked for. In the masked and unmask steps, where the peers are idle and
 heartbeat, an awaited peer that goes silent for `peer_timeout_s` is given up at once.
 
-The server is trusted to follow the protocol (honest but curious): the keys it relays
-are not signed, so an active server could stand in for peers. See README "Privacy".
+With long-term keys (`[security] keys`) each peer's round keys carry a tag for every
+other peer (an HMAC under the key their CurveZMQ pairs agree on), and a roster whose
+keys are not vouched for is refused: the server can neither invent peers nor swap
+their keys. In clear it is trusted to relay them as sent. See README "Privacy".
 
 This module holds what both sides share (the bounds, how the lists in a step's meta
 are checked) and the peer's side, `SecAggPeer`; the server's is `secagg_server`.
@@ -33,10 +37,11 @@ are checked) and the peer's side, `SecAggPeer`; the server's is `secagg_server`.
 
 from __future__ import annotations
 
+import hmac
 import secrets
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -79,6 +84,15 @@ class Advert:
     s: bytes  # agrees its pairwise masks
     weight: int
     samples: int = 0  # what it trains on (the server's only; weight is what counts)
+    tags: Mapping[int, bytes] = field(default_factory=dict)  # to peer v: its key tag for v
+
+
+class KeyAuth(NamedTuple):
+    """A peer's long-term X25519 keys (its CurveZMQ pair, raw): its secret and every
+    peer's public key, which vouch for the round keys (`secagg.key_tag`)."""
+
+    secret: bytes
+    publics: Mapping[int, bytes]
 
 
 # -- the peer's side -------------------------------------------------------------------
@@ -105,22 +119,49 @@ class SecAggPeer:
     Args:
         me: this peer's id.
         range_: the declared clipping range of each coordinate of the update.
+        auth: its long-term keys (with `[security] keys`): then its round keys go out
+            with a tag for every other peer, and a roster whose keys are not vouched
+            for by their owners' tags is refused. None: the server is trusted to relay
+            the keys as they were sent.
     """
 
-    def __init__(self, me: int, range_: float) -> None:
+    def __init__(self, me: int, range_: float, auth: KeyAuth | None = None) -> None:
         self.me = me
         self.range_ = range_
         self.mine: _Mine | None = None
+        self._auth: dict[int, bytes] = {}  # peer -> the key we share with it
+        if auth is not None:
+            self._auth = {
+                v: secagg.auth_key(auth.secret, public)
+                for v, public in auth.publics.items()
+                if v != me
+            }
+        self.authenticated = auth is not None
 
     def keys(self, round_: int, samples: int) -> dict[str, Any]:
         """Fresh keys for `round_` (what step 1 sends); forgets any older round."""
-        self.mine = _Mine(round_, secagg.keypair(), secagg.keypair())
-        return {
-            "step": "keys",
-            "c": self.mine.c.public,
-            "s": self.mine.s.public,
-            "samples": samples,
-        }
+        m = self.mine = _Mine(round_, secagg.keypair(), secagg.keypair())
+        c, s = m.c.public, m.s.public
+        out: dict[str, Any] = {"step": "keys", "c": c, "s": s, "samples": samples}
+        if self.authenticated:
+            tag = secagg.key_tag
+            out["tags"] = [
+                [v, tag(k, round_, self.me, c, s)] for v, k in sorted(self._auth.items())
+            ]
+        return out
+
+    def _vouched(
+        self, round_: int, roster: Mapping[int, Advert], tags: Mapping[int, bytes]
+    ) -> int | None:
+        """The first roster member whose keys its tag does not vouch for (None: all are)."""
+        for u, a in sorted(roster.items()):
+            if u == self.me:
+                continue
+            key = self._auth.get(u)
+            want = None if key is None else secagg.key_tag(key, round_, u, a.c, a.s)
+            if want is None or not hmac.compare_digest(want, tags.get(u, b"")):
+                return u
+        return None
 
     def _current(self, round_: int) -> _Mine | str:
         m = self.mine
@@ -128,14 +169,10 @@ class SecAggPeer:
             return f"secagg message for round {round_}, not our secure round"
         return m
 
-    def roster(self, round_: int, meta: Mapping[str, Any]) -> dict[str, Any] | str:
-        """The shares message for the server's roster, or why the roster is refused."""
-        m = self._current(round_)
-        if isinstance(m, str):
-            return m
-        roster = _roster(meta.get("peers"))
-        if roster is None:
-            return "secagg roster is not a list of [id, c, s, weight]"
+    def _refused(
+        self, m: _Mine, roster: Mapping[int, Advert], tags: Mapping[int, bytes]
+    ) -> str | None:
+        """Why a parsed roster is refused, or None."""
         mine = roster.get(self.me)
         if mine is None or (mine.c, mine.s) != (m.c.public, m.s.public):
             return "secagg roster does not carry our keys"
@@ -143,6 +180,21 @@ class SecAggPeer:
             return f"secagg roster of {len(roster)} peers is outside 3..{MAX_PEERS}"
         if m.roster:
             return "a second secagg roster for this round"
+        if self.authenticated and (u := self._vouched(m.round, roster, tags)) is not None:
+            return f"secagg roster: the keys of peer {u} are not vouched for by its own key"
+        return None
+
+    def roster(self, round_: int, meta: Mapping[str, Any]) -> dict[str, Any] | str:
+        """The shares message for the server's roster, or why the roster is refused."""
+        m = self._current(round_)
+        if isinstance(m, str):
+            return m
+        parsed = _roster(meta.get("peers"))
+        if parsed is None:
+            return "secagg roster is not a list of [id, c, s, weight, tag]"
+        roster, tags = parsed
+        if (why := self._refused(m, roster, tags)) is not None:
+            return why
         m.roster, m.b = roster, secrets.token_bytes(secagg.KEY_BYTES)
         t = secagg.threshold(len(roster))
         b_shares = secagg.split(m.b, roster, t)
@@ -212,17 +264,22 @@ class SecAggPeer:
         }
 
 
-def _roster(value: Any) -> dict[int, Advert] | None:
-    """`[[id, c, s, weight], ...]` as adverts by id, or None if malformed."""
+def _roster(value: Any) -> tuple[dict[int, Advert], dict[int, bytes]] | None:
+    """`[[id, c, s, weight, tag], ...]` as adverts by id and each member's tag for us
+    (empty bytes when its keys came without one), or None if malformed."""
     if not isinstance(value, list):
         return None
     out: dict[int, Advert] = {}
+    tags: dict[int, bytes] = {}
     for entry in value:
-        if not (isinstance(entry, list) and len(entry) == 4):
+        if not (isinstance(entry, list) and len(entry) == 5):
             return None
-        u, c, s, w = entry
+        u, c, s, w, tag = entry
         keys_ok = all(isinstance(k, bytes) and len(k) == secagg.KEY_BYTES for k in (c, s))
-        if not (wire.is_int(u) and u not in out and keys_ok and wire.is_int(w) and w >= 1):
+        tag_ok = isinstance(tag, bytes) and len(tag) in (0, secagg.TAG_BYTES)
+        if not (wire.is_int(u) and u not in out and keys_ok and tag_ok):
             return None
-        out[u] = Advert(c, s, w)
-    return out
+        if not (wire.is_int(w) and w >= 1):
+            return None
+        out[u], tags[u] = Advert(c, s, w), tag
+    return out, tags

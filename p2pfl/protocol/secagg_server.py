@@ -18,7 +18,7 @@ from p2pfl.core import secagg
 from p2pfl.protocol import wire
 from p2pfl.protocol.events import Send
 from p2pfl.protocol.fedavg_rounds import MAX_SAMPLES, ClosedBy, ClosedRound, Update
-from p2pfl.protocol.secagg import KEYS_S, Advert, pairs
+from p2pfl.protocol.secagg import KEYS_S, MAX_PEERS, Advert, pairs
 
 Phase = Literal["keys", "shares", "masked", "unmask", "done", "failed"]
 Logger = Any
@@ -155,8 +155,12 @@ class SecAggRound:
             return "secagg keys are not two 32-byte public keys"
         if not (wire.is_int(samples) and 1 <= samples <= MAX_SAMPLES):
             return "meta.samples missing or out of range"
+        tags = pairs(meta.get("tags", []), secagg.TAG_BYTES, range(MAX_PEERS))
+        if tags is None:
+            return "secagg key tags are not a list of [peer id, 16 bytes]"
         assert isinstance(c, bytes) and isinstance(s, bytes)
-        self.adverts[sender] = Advert(c, s, 1 if self.uniform else samples, samples)
+        weight = 1 if self.uniform else samples
+        self.adverts[sender] = Advert(c, s, weight, samples, tags)
         self.awaited.discard(sender)
         return None
 
@@ -230,9 +234,11 @@ class SecAggRound:
             need = max(secagg.MIN_PEERS, self.min_updates)
             return self._fail(f"{len(u1)} peers sent keys, {need} needed")
         self.phase, self.awaited, self.deadline = "shares", set(u1), self.round_deadline
-        peers = [[u, a.c, a.s, a.weight] for u, a in sorted(self.adverts.items())]
-        meta = {"step": "roster", "peers": peers}
-        return [Send(u, "secagg", self.round, meta) for u in u1]
+        out = []
+        for v in u1:  # each gets the tags that vouch for the others' keys to it
+            peers = [[u, a.c, a.s, a.weight, a.tags.get(v, b"")] for u, a in self.adverts.items()]
+            out.append(Send(v, "secagg", self.round, {"step": "roster", "peers": sorted(peers)}))
+        return out
 
     def _forward(self, now: float) -> list[Send]:
         u2 = sorted(self.shares)

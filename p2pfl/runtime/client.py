@@ -92,7 +92,9 @@ class FedClient:
         self.recorded = -1  # the last round with a history line
         self.trained: _Trained | None = None
         secure = plan.client.secagg_range
-        self.secure = SecAggPeer(self.id, secure) if secure is not None else None
+        self.secure = None
+        if secure is not None:
+            self.secure = SecAggPeer(self.id, secure, plan.secagg_auth)
         self._unsaved: tuple[TrainState, int] | None = None  # secure: saved once masked
 
     def _lost(self, reason: str) -> CoordinatorLostError:
