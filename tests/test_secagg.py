@@ -333,11 +333,16 @@ def test_bad_secagg_messages_are_dropped_with_a_reason():
         net.to_server(0, "secagg", 1, bad_keys)
         net.to_server(1, "secagg", 1, {"step": "shares", "to": []})
         net.to_server(2, "secagg", 7, {"step": "keys"})
+        nested: list = []
+        for _ in range(50):
+            nested = [nested]
+        net.to_server(3, "secagg", 1, {"step": nested})
     reasons = [e["reason"] for e in logs if e["event"] == "message_dropped"]
     assert reasons == [
         "secagg keys are not two 32-byte public keys",
         "secagg step 'shares' does not fit the round's step 'keys'",
         "secagg message for round 7, no secure round of it is open",
+        "secagg step <a list> does not fit the round's step 'keys'",
     ]
 
 

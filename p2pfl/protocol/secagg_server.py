@@ -140,7 +140,7 @@ class SecAggRound:
         """A `secagg` message from a member; None if kept, else why it is dropped."""
         step = meta.get("step")
         if sender not in self.awaited:
-            return f"secagg {step!r} from a peer not awaited in this step"
+            return f"secagg {_show_step(step)} from a peer not awaited in this step"
         if step == "keys" and self.phase == "keys":
             return self._on_keys(sender, meta)
         if step == "shares" and self.phase == "shares":

@@ -202,7 +202,7 @@ class FedClient:
         elif step == "unmask":
             reply = self.secure.unmask(r, task.meta)
         elif step != "shares":
-            reply = f"unexpected secagg step from the server: {step!r}"[:80]
+            reply = "unexpected secagg step from the server"
         elif mine is None or mine.round != r or mine.delta is None:
             reply = "secagg shares for a round we did not train in"
         elif (why := self.secure.shares(r, task.meta)) is not None:
@@ -224,7 +224,8 @@ class FedClient:
                 self.learner.save(*self._unsaved)
                 self._unsaved = None
         if isinstance(reply, str):
-            self.log.warning("message_dropped", reason=reply, step=str(step)[:20])
+            shown = step[:20] if isinstance(step, str) else None
+            self.log.warning("message_dropped", reason=reply, step=shown)
         elif reply is not None:
             self.port.carry_out([self.machine.secagg(r, reply, time.monotonic())])
 
