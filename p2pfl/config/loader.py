@@ -11,7 +11,6 @@ into exit code 2.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -133,6 +132,7 @@ def _check_secagg(s: Scenario) -> None:
     if not p.secure_aggregation:
         return
     from p2pfl.core.secagg import MIN_PEERS
+    from p2pfl.protocol.fedavg_rounds import sample_size
     from p2pfl.protocol.secagg import MAX_PEERS
 
     if s.mode != "centralized":
@@ -154,7 +154,7 @@ def _check_secagg(s: Scenario) -> None:
             "'mean' (FedAvg) can be computed from it"
         )
     n = s.min_peers
-    k = min(n, max(c.min_updates, math.ceil(c.fraction * n)))
+    k = sample_size(n, c.fraction, c.min_updates)
     if k < MIN_PEERS:
         raise ScenarioError(
             f"privacy.secure_aggregation = true with {k} peers sampled per round "

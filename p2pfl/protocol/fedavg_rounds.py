@@ -95,6 +95,11 @@ class ServerConfig:
     secagg_range: float | None = None  # secure aggregation: each coordinate's |Δ| bound
 
 
+def sample_size(n: int, fraction: float, min_updates: int) -> int:
+    """How many of `n` fresh peers a round samples (without Poisson sampling)."""
+    return min(n, max(min_updates, math.ceil(fraction * n)))
+
+
 def sample(
     live: Sequence[int],
     round_: int,
@@ -114,7 +119,7 @@ def sample(
     if poisson:
         taken = rng(seed, SAMPLE, round_).random(len(live)) < fraction
         return tuple(sorted(int(i) for i, t in zip(live, taken, strict=True) if t))
-    k = min(len(live), max(min_updates, math.ceil(fraction * len(live))))
+    k = sample_size(len(live), fraction, min_updates)
     draw = rng(seed, SAMPLE, round_).choice(list(live), size=k, replace=False)
     return tuple(sorted(int(i) for i in draw))
 
