@@ -8,7 +8,7 @@ model. The FedAvg server (`fedavg_server`) creates one per secure round.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +22,27 @@ from p2pfl.protocol.secagg import KEYS_S, MAX_PEERS, Advert, pairs
 
 Phase = Literal["keys", "shares", "masked", "unmask", "done", "failed"]
 Logger = Any
+
+
+def summary(
+    fixed: int,
+    survivors: int,
+    recovered: Iterable[int],
+    threshold: int,
+    scale: float,
+    out_of_range: int,
+) -> dict[str, object]:
+    """A secure round as its coordinator line records it (the server's and the
+    simulator's): masks fixed, survivors, peers whose masks were recovered, the
+    threshold, the fixed-point scale and the coordinates clipped to the range."""
+    return {
+        "fixed": fixed,
+        "survivors": survivors,
+        "recovered": sorted(recovered),
+        "threshold": threshold,
+        "scale": scale,
+        "out_of_range": out_of_range,
+    }
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,13 @@ class SecureSum:
     threshold: int
     fixed: int  # |U2|: the peers whose masks are in the inputs
     out_of_range: int  # coordinates the survivors reported saturated
+
+    def summary(self) -> dict[str, object]:
+        """This round as its coordinator line records it."""
+        survivors, recovered = len(self.inputs), self.dropped_secrets
+        return summary(
+            self.fixed, survivors, recovered, self.threshold, self.scale, self.out_of_range
+        )
 
     def mean_update(self) -> np.ndarray:
         """The survivors' weighted mean update (float64): only their sum is unmasked."""

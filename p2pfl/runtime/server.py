@@ -40,17 +40,9 @@ def secagg_record(closed: ClosedRound | None) -> dict[str, object] | None:
     many coordinates were clipped to the declared range (None for round 0)."""
     if closed is None:
         return None
-    s = closed.secure
-    if s is None:
+    if closed.secure is None:
         return {"failure": closed.secure_failure}
-    return {
-        "fixed": s.fixed,
-        "survivors": len(s.inputs),
-        "recovered": sorted(s.dropped_secrets),
-        "threshold": s.threshold,
-        "scale": s.scale,
-        "out_of_range": s.out_of_range,
-    }
+    return closed.secure.summary()
 
 
 class SessionAbortedError(RuntimeError):

@@ -23,6 +23,7 @@ import numpy as np
 from p2pfl.core import privacy, secagg, streams
 from p2pfl.protocol.fedavg_client import lines_on_adopt
 from p2pfl.protocol.fedavg_rounds import close_reason, sample
+from p2pfl.protocol.secagg_server import summary
 from p2pfl.record.history import ServerRecord
 from p2pfl.sim import population
 from p2pfl.sim.run import Run, scatter
@@ -101,14 +102,9 @@ class CentralizedRun(Run):
                     g = np.asarray(global_model, np.float64)
                     mean, over = secagg.fixed_point_mean(sent - g, w, secure_range)
                     global_model = jnp.asarray(g + mean, jnp.float32)
-                    secure = {
-                        "fixed": len(accepted),
-                        "survivors": len(accepted),
-                        "recovered": [],
-                        "threshold": secagg.threshold(len(accepted)),
-                        "scale": secagg.scale_for(secure_range, len(accepted)),
-                        "out_of_range": over,
-                    }
+                    k = len(accepted)  # everyone who fixed masks survived
+                    scale = secagg.scale_for(secure_range, k)
+                    secure = summary(k, k, [], secagg.threshold(k), scale, over)
                 elif p.privacy is not None and p.privacy.where == "server":  # central DP
                     key = privacy.noise_key(p.run.seed, n, r)
                     expected = p.privacy.q * len(live)
