@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from p2pfl.config.keys import check_keys
 from p2pfl.config.loader import parse
-from p2pfl.config.plan import check_keys, gossip_plan, server_plan
+from p2pfl.config.plan import gossip_plan, server_plan
 from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.net import keys
 from p2pfl.protocol import wire

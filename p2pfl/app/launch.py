@@ -35,8 +35,8 @@ from rich.table import Table
 
 from p2pfl.app import precompile
 from p2pfl.app.ports import LaunchError, bound_addresses, unusable_addresses
+from p2pfl.config.keys import check_keys
 from p2pfl.config.loader import MAX_LAUNCH_PEERS
-from p2pfl.config.plan import check_keys
 from p2pfl.config.privacy import privacy_settings
 from p2pfl.config.schema import Scenario, ScenarioError
 from p2pfl.net.keys import create as create_keys

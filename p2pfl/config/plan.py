@@ -10,12 +10,13 @@ its learning set-up. The runtime composes a node from a plan and nothing else.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
 
+from p2pfl.config.keys import keys_dir, node_keys, secagg_auth
 from p2pfl.config.learning import DataLike, ModelLike, learning_spec
 from p2pfl.config.loader import graph
 from p2pfl.config.privacy import dp_plan
@@ -32,7 +33,7 @@ from p2pfl.core.graphs import Mixing
 from p2pfl.core.privacy import DpPlan
 from p2pfl.core.transforms import OUTGOING_ATTACKS, ModelTransform, attack_transform, identity
 from p2pfl.learning.local import LearningSpec
-from p2pfl.net.keys import KeyFileError, Keyring, keyring, raw
+from p2pfl.net.keys import Keyring
 from p2pfl.protocol.fedavg_client import ClientConfig
 from p2pfl.protocol.fedavg_server import ServerConfig
 from p2pfl.protocol.secagg import KeyAuth
@@ -146,27 +147,6 @@ def _run(s: Scenario, out: Path) -> Run:
     )
 
 
-def keys_dir(s: Scenario, out: Path) -> Path | None:
-    """The CURVE keys folder of a run (`[security] keys`; "auto": the run folder's
-    `keys/`), or None when the run is in clear."""
-    keys = s.security.keys
-    if keys is None:
-        return None
-    return out / "keys" if keys == "auto" else s.resolve(keys)
-
-
-def node_keys(s: Scenario, out: Path, me: int, known: Iterable[int]) -> Keyring | None:
-    """Node `me`'s keyring (peers 0..n-1, the coordinator n), knowing the nodes in
-    `known`; None in clear. A bad key file is a ScenarioError naming the file."""
-    folder = keys_dir(s, out)
-    if folder is None:
-        return None
-    try:
-        return keyring(folder, me, s.peers, known)
-    except KeyFileError as exc:
-        raise ScenarioError(f"security.keys = {s.security.keys!r}: {exc}") from None
-
-
 def _faults(s: Scenario, peer_id: int) -> PeerFaults:
     attack = s.byzantine(peer_id)
     return PeerFaults(
@@ -215,17 +195,6 @@ def _catch_up(s: Scenario) -> ServerAggregator:
 def _server_rule(s: Scenario) -> ServerAggregator:
     c = s.centralized
     return server_aggregator(c.aggregator, trim=c.trim, f=c.krum_f)
-
-
-def check_keys(s: Scenario, out: Path) -> None:
-    """Load every node's keyring once, as its own process will (a local launch holds all
-    the secret files): a bad key file is refused before anything starts."""
-    g = graph(s)
-    boot = [s.peers] if s.needs_coordinator else []
-    for i in range(s.peers):
-        node_keys(s, out, i, [*g.neighbors(i), *boot])
-    if s.needs_coordinator:
-        node_keys(s, out, s.peers, range(s.peers))
 
 
 def gossip_plan(
@@ -295,20 +264,8 @@ def client_plan(s: Scenario, peer_id: int, out: Path, resume: bool = False) -> C
         resume=resume,
         keys=node_keys(s, out, peer_id, [s.peers]),
         privacy=dp_plan(s),
-        secagg_auth=_secagg_auth(s, out, peer_id),
+        secagg_auth=secagg_auth(s, out, peer_id),
     )
-
-
-def _secagg_auth(s: Scenario, out: Path, peer_id: int) -> KeyAuth | None:
-    """With secure aggregation and CURVE keys: the peer's pair and every peer's public
-    key, raw, which vouch for each round's keys (None otherwise)."""
-    if not s.privacy.secure_aggregation:
-        return None
-    ring = node_keys(s, out, peer_id, range(s.peers))
-    if ring is None:
-        return None
-    publics = {j: raw(k) for j, k in ring.known.items() if j < s.peers}
-    return KeyAuth(raw(ring.secret), publics)
 
 
 def _secagg_range(s: Scenario) -> float | None:
