@@ -7,18 +7,22 @@
    process: peak RSS (ru_maxrss).
 3. digits, 8 / 100 / 1,000 peers, 30 rounds, FedAvg and ring gossip, the anchors'
    task (sklearn digits /16, 20% holdout, IID shards, MLP 64-64-10, 1 epoch batch 32,
-   SGD 0.05): whole-run wall time with a warm compile cache and peak RSS, each in a
-   fresh process, against pfl-research, Flower and gossipy as measured on this
-   machine (see issue 13). digits has too few samples for 1,000 peers to keep one
-   test sample each: that row uses digits-shaped synthetic data of 2,500 samples.
+   SGD 0.05): the whole `p2pfl simulate` command as a user runs it (interpreter start,
+   imports, the run, its folder, progress bar and plot, exit) with a warm compile
+   cache, and its peak RSS, against pfl-research, Flower and gossipy as measured on
+   this machine (see issue 13); beside it, the run alone (`p2pfl.sim.engine.simulate`
+   from a process whose imports are done). digits has too few samples for 1,000 peers
+   to keep one test sample each: that row uses digits-shaped synthetic data of 2,500
+   samples.
 
-Each measured run is its own `python -c` process (`_one`), so peak RSS is its own.
+Each measured run is its own process (`_one`, `_command`), so peak RSS is its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +30,8 @@ import time
 from pathlib import Path
 
 from _common import Row, add_quiet_arg, preamble, print_table
+
+from p2pfl.config.schema import dumps as to_toml
 
 PFL = {8: 4.0, 100: 5.9, 1000: 22.2}  # s, pfl-research 0.6.0, FedAvg
 PFL_MB = 400.0
@@ -111,6 +117,29 @@ def _one(raw: dict, warm: bool = True) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _command(raw: dict) -> dict:
+    """`p2pfl simulate` on `raw`, run twice (the first fills the compile cache): the
+    second run's whole-process wall time and peak RSS (`os.wait4`), and its accuracy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        scenario, out = Path(tmp) / "scenario.toml", Path(tmp) / "run"
+        scenario.write_text(to_toml(raw))
+        command = [sys.executable, "-m", "p2pfl", "simulate", str(scenario), "--out", str(out)]
+        for _ in range(2):
+            t = time.perf_counter()
+            child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(child.pid, 0)
+            wall = time.perf_counter() - t
+            child.returncode = os.waitstatus_to_exitcode(status)
+            if child.returncode != 0:
+                raise RuntimeError(f"p2pfl simulate exited {child.returncode}")
+        summary = json.loads((out / "summary.json").read_text())
+    return {
+        "wall_s": wall,
+        "rss_mb": usage.ru_maxrss / 1024,
+        "accuracy": summary["final_holdout_accuracy"]["mean"],
+    }
+
+
 def _floor() -> float:
     done = subprocess.run([sys.executable, "-c", FLOOR], capture_output=True, text=True, check=True)
     return float(json.loads(done.stdout.strip().splitlines()[-1])["round_s"])
@@ -190,38 +219,34 @@ def main() -> None:
     # 3. the anchors' task
     for peers in (8, 100, 1000):
         for mode in ("centralized", "gossip"):
-            r = _one(_digits(peers, mode))
+            raw = _digits(peers, mode)
+            r, alone = _command(raw), _one(raw)
             label = f"digits {peers} peers, {mode}, 30 rounds"
             if mode == "centralized":
                 target = PFL[peers] / (5 if peers == 1000 else 2)
-                rows.append(
-                    Row(
-                        f"{label}: wall",
-                        r["wall_s"],
-                        "s",
-                        target=target,
-                        note=f"pfl {PFL[peers]} s / {5 if peers == 1000 else 2}"
-                        + (f"; Flower {FLOWER[peers]} s" if peers in FLOWER else ""),
-                    )
+                note = f"pfl {PFL[peers]} s / {5 if peers == 1000 else 2}" + (
+                    f"; Flower {FLOWER[peers]} s" if peers in FLOWER else ""
                 )
             else:
                 target = GOSSIPY[peers] / 10 if peers in GOSSIPY else None
-                rows.append(
-                    Row(
-                        f"{label}: wall",
-                        r["wall_s"],
-                        "s",
-                        target=target,
-                        note=f"gossipy {GOSSIPY[peers]} s / 10" if target else "",
-                    )
-                )
+                note = f"gossipy {GOSSIPY[peers]} s / 10" if target else ""
+            rows.append(Row(f"{label}: p2pfl simulate, wall", r["wall_s"], "s", target, note=note))
             rows.append(
                 Row(
-                    f"{label}: peak RSS",
+                    f"{label}: p2pfl simulate, peak RSS",
                     r["rss_mb"],
                     "MB",
-                    target=PFL_MB,
-                    note=f"pfl ~{PFL_MB:g} MB; accuracy {r['accuracy']:.3f}",
+                    target=PFL_MB if mode == "centralized" else None,
+                    note=(f"pfl ~{PFL_MB:g} MB; " if mode == "centralized" else "")
+                    + f"accuracy {r['accuracy']:.3f}",
+                )
+            )
+            rows.append(
+                Row(
+                    f"{label}: the run alone (imports done), wall",
+                    alone["wall_s"],
+                    "s",
+                    note=f"peak RSS {alone['rss_mb']:.0f} MB (no progress bar, no plot)",
                 )
             )
     print_table("simulator: one process, every peer stacked", rows, notes)

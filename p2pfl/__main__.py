@@ -2,6 +2,6 @@
 
 import sys
 
-from p2pfl.app.cli import main
+from p2pfl.app.entry import main
 
 sys.exit(main())

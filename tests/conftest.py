@@ -122,6 +122,16 @@ def launch_run(tmp_path: Path) -> Iterator[Any]:
         run.kill()
 
 
+@pytest.fixture
+def program_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The exported-program store in a temporary folder (JAX's own cache left alone)."""
+    from p2pfl.learning import exported
+
+    folder = tmp_path / exported.FOLDER
+    monkeypatch.setattr(exported, "store", lambda: folder)
+    return folder
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Parsed JSON lines of a file (empty if it does not exist)."""
     if not path.exists():

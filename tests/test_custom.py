@@ -239,11 +239,11 @@ def test_custom_models_never_share_an_exported_program(program_store: Path):
     assert served.trainer.n_params == other.trainer.n_params
     assert not isinstance(other.trainer.init, exported.Program)
     ds = local.load_dataset(spec.data, 0)
-    assert local._program_settings(spec, ds) != local._program_settings(
+    assert local.program_settings(spec, ds) != local.program_settings(
         learning_spec(_scenario(_custom("equinox_mlp"))), ds
     )
     lam = learning_spec(_scenario(), model=lambda f, c, k: models.mlp(f, c, [8]))
-    assert local._program_settings(lam, ds) is None
+    assert local.program_settings(lam, ds) is None
 
 
 def test_factory_identity_follows_its_source(tmp_path: Path):

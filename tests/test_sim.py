@@ -13,6 +13,7 @@ from p2pfl.config.loader import graph, parse
 from p2pfl.config.plan import sim_plan
 from p2pfl.config.schema import ScenarioError
 from p2pfl.core.graphs import mixing_matrix, report
+from p2pfl.learning import exported
 from p2pfl.learning.local import build
 from p2pfl.sim import population
 from p2pfl.sim.engine import simulate
@@ -108,6 +109,27 @@ def test_consensus_at_scale_decays_like_lambda_and_keeps_the_mean(tmp_path, topo
     print(f"{topology['kind']}: spread ratio {spread / spread0:.3e} vs lambda^R {lam**rounds:.3e}")
     assert spread <= lam**rounds * spread0 * (1 + 1e-3)
     assert float(np.abs(x.mean(0) - x0.mean(0)).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["gossip", "centralized"])
+def test_exported_batched_programs_compute_what_jit_computes(tmp_path, program_store, mode):
+    """With a program store, the batched programs are exported by the first run and read
+    back (never traced) by the next; every run gets bit-identical models and figures."""
+    overrides = {"mode": mode, "training": {"rounds": 2}}
+    exported_run, s = run(tmp_path, overrides, "first")
+    stored = sorted(program_store.iterdir())
+    assert len(stored) >= 4  # init, train, evaluate (with and without the holdout)...
+    pop = population.build(sim_plan(s, tmp_path / "x").learning, 1024)
+    assert isinstance(pop.train_step, exported.Program)
+    read_back, _ = run(tmp_path, overrides, "second")
+    assert sorted(program_store.iterdir()) == stored  # nothing exported again
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(exported, "store", lambda: None)
+        traced, _ = run(tmp_path, overrides, "traced")
+    for other in (read_back, traced):
+        assert np.array_equal(other.models, exported_run.models)
+        for k, v in exported_run.history.items():
+            np.testing.assert_array_equal(other.history[k], v)
 
 
 def test_outputs_match_a_launch_run_folder(tmp_path):

@@ -226,14 +226,6 @@ def test_precompile_marker_follows_the_settings_that_shape_the_programs():
     assert marker(parse({"topology": {"peers": 16}})) != base
 
 
-@pytest.fixture
-def program_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The exported-program store in a temporary folder (JAX's own cache left alone)."""
-    folder = tmp_path / exported.FOLDER
-    monkeypatch.setattr(exported, "store", lambda: folder)
-    return folder
-
-
 def _same(a: Any, b: Any) -> None:
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

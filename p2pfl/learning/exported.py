@@ -245,6 +245,32 @@ class Program:
         return self._call.lower(*flat)
 
 
+def stored_or_exported(
+    settings: Settings | None,
+    name: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    out_tree: Any,
+) -> Callable[..., Any]:
+    """`jax.jit(fn)` served by its exported program for calls shaped like `args`: read
+    from the store, or exported and stored now (the simulator's batched programs, which
+    no precompile step exports). `jax.jit(fn)` itself without settings or a store.
+
+    On a miss the program is traced once, for the export, and only its wrapper is ever
+    compiled: a cold run compiles each program once, as `jax.jit(fn)` would.
+    """
+    folder = store()
+    traced = functools.cache(lambda: jax.jit(fn))
+    if settings is None or folder is None:
+        return traced()
+    k = key(settings, name, args)
+    program = load(folder, k)
+    if program is None or len(program.out_avals) != out_tree.num_leaves:
+        program = export_flat(fn, args)
+        save(folder, k, program)
+    return Program(traced, program, args, out_tree)
+
+
 def serve(
     settings: Settings,
     name: str,

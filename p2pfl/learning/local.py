@@ -351,7 +351,7 @@ def make_peer_trainer(spec: LearningSpec, ds: datasets.Dataset) -> Trainer:
     )
 
 
-def _program_settings(spec: LearningSpec, ds: datasets.Dataset) -> dict[str, Any] | None:
+def program_settings(spec: LearningSpec, ds: datasets.Dataset) -> dict[str, Any] | None:
     """What shapes the trainer's programs (besides their arguments): the key's settings.
 
     None for a custom model without a stable identity: it is never exported.
@@ -394,7 +394,7 @@ def _served_trainer(
     """
     traced = functools.cache(lambda: make_peer_trainer(spec, ds))
     folder = exported.store()
-    settings = _program_settings(spec, ds)
+    settings = program_settings(spec, ds)
     if settings is None:
         return traced()
 
@@ -459,7 +459,7 @@ def export_steps(spec: LearningSpec, peer_id: int = 0, server: bool = False) -> 
     """
     folder = exported.store()
     data, ds = peer_data(spec.data, peer_id)
-    settings = _program_settings(spec, ds)
+    settings = program_settings(spec, ds)
     if folder is not None and settings is not None:
         traced = make_peer_trainer(spec, ds)
         args = init_args(spec, peer_id)
@@ -493,7 +493,7 @@ def _initial_state(
     spec: LearningSpec, ds: datasets.Dataset, trainer: Trainer, args: tuple[int, int, int]
 ) -> TrainState:
     """`trainer.init(*args)`, read from the store when `export_steps` left it there."""
-    settings = _program_settings(spec, ds)
+    settings = program_settings(spec, ds)
     if settings is not None and isinstance(trainer.init, exported.Program):
         k = exported.key(settings, f"init results {args}", args)
         leaves = exported.load_results(exported.store(), k)

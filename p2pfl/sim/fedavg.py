@@ -34,6 +34,17 @@ def _round(trained: int) -> int | None:
     return None if trained < 0 else int(trained)
 
 
+def _distances(models: np.ndarray, rows: np.ndarray, g: np.ndarray, block: int = 256) -> np.ndarray:
+    """||models[i] - g|| for each of `rows`, a block of rows at a time (no `[n, d]`
+    temporaries: large ones fragment the heap a long run lives in)."""
+    return np.concatenate(
+        [
+            np.linalg.norm(models[rows[k : k + block]] - g, axis=1)
+            for k in range(0, len(rows), block)
+        ]
+    )
+
+
 class _Clients:
     """Centralized peers' bookkeeping between rounds, as each networked client keeps it."""
 
@@ -78,8 +89,12 @@ class CentralizedRun(Run):
                 c.updates[rows], c.losses[rows], c.trained[rows] = own, losses, r
                 senders = np.zeros(n, bool)
                 senders[rows] = True
-                sent = np.asarray(self.outgoing(self.states.params, senders))[rows]
+                outgoing: jax.Array | None = self.outgoing(self.states.params, senders)
+                sent = np.asarray(outgoing)  # (a view: no copy)
+                if len(rows) < n:
+                    sent, outgoing = sent[rows], None
             else:
+                outgoing = None
                 losses = np.zeros(0)
                 sent = np.zeros((0, c.updates.shape[1]), np.float32)
             secure_range = cfg.secagg_range
@@ -112,7 +127,10 @@ class CentralizedRun(Run):
                         global_model, sent[finite], p.privacy, expected, key
                     )
                 else:
-                    global_model = jnp.asarray(p.server_aggregator(sent[finite], w), jnp.float32)
+                    kept: Any = sent if outgoing is None else outgoing  # (no copy)
+                    if not finite.all():
+                        kept = sent[finite]
+                    global_model = jnp.asarray(p.server_aggregator(kept, w), jnp.float32)
                 ls = np.asarray(losses)[finite]
                 loss = float((counts * ls).sum() / counts.sum())
             aggregate_s = time.perf_counter() - t
@@ -126,7 +144,7 @@ class CentralizedRun(Run):
     def initial_global(self) -> jax.Array:
         """The server's first global model: the shared initial parameters."""
         seed = self.plan.run.seed
-        return self.pop.trainer.init(seed, streams.SHARED_INIT, streams.TRAIN_BASE).params
+        return self.pop.init_one(seed, streams.SHARED_INIT, streams.TRAIN_BASE).params
 
     def adopt(self, rows: np.ndarray, c: _Clients, done: int) -> None:
         """Peers `rows` receive the global model after round `done` and take it as their
@@ -146,9 +164,9 @@ class CentralizedRun(Run):
             )
             c.recorded[ids] = round_
         assert self.global_model is not None
+        everyone = jnp.broadcast_to(self.global_model, self.states.params.shape)
         if len(rows) == self.n:
-            shape = self.states.params.shape
-            self.states = self.states._replace(params=jnp.broadcast_to(self.global_model, shape))
+            self.states = self.states._replace(params=everyone)
         elif len(rows):
             idx = jnp.asarray(rows)
             self.states = self.states._replace(
@@ -159,10 +177,9 @@ class CentralizedRun(Run):
         )
         if len(on_global):
             mine = c.trained[on_global] == done
-            g = np.asarray(self.global_model)
-            spread = np.linalg.norm(c.updates[on_global] - g, axis=1)
+            spread = _distances(c.updates, on_global, np.asarray(self.global_model))
             self.evaluate_lines(
-                jnp.broadcast_to(self.global_model, self.states.params.shape),
+                everyone,
                 on_global,
                 done,
                 "global",

@@ -15,7 +15,10 @@ XLA, and the same results.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from p2pfl.learning.local import LearningSpec, host_data, init_args, make_peer_trainer
+from p2pfl.learning import exported
+from p2pfl.learning.local import (
+    LearningSpec,
+    host_data,
+    init_args,
+    make_peer_trainer,
+    program_settings,
+)
 from p2pfl.learning.trainer import Shard, Trainer, TrainState
 
 Tree = Any  # a pytree whose leaves all have the peer axis first
@@ -48,6 +58,9 @@ class Population(NamedTuple):
     sharding: NamedSharding | None  # the peer axis across devices, if more than one
     train_step: Callable[[TrainState, Shard], tuple[TrainState, jax.Array]]  # vmapped
     evaluate_step: Callable[..., Any]  # vmapped (params, test, holdout) -> metrics
+    init_step: Callable[[jax.Array], TrainState]  # vmapped over [chunk, 3] init args
+    init_one: Callable[[int, int, int], TrainState]  # `trainer.init`
+    evaluate_holdout: Callable[[jax.Array, Shard], Any]  # one model on the holdout
 
 
 def _sharding(chunk: int) -> tuple[int, NamedSharding | None]:
@@ -70,9 +83,16 @@ def build(spec: LearningSpec, chunk: int, label_flips: frozenset[int] = frozense
     rows = host.test[0].shape[1] + (0 if host.holdout is None else len(host.holdout[1]))
     eval_chunk, _ = _sharding(max(1, min(chunk, EVAL_ROWS // max(1, rows))))
     test_chunk, _ = _sharding(max(1, min(chunk, EVAL_ROWS // max(1, host.test[0].shape[1]))))
+    train, test = Shard(*jax.device_put(host.train)), Shard(*jax.device_put(host.test))
+    # one device: the batched programs exported once and read back by later runs (no
+    # tracing); across devices XLA partitions them at each run's own trace
+    settings = program_settings(spec, ds) if sharding is None else None
+    if settings is not None:
+        settings = {**settings, "sim": _source_digest()}
+    programs = _Programs(settings, trainer, jax.eval_shape(trainer.init, 0, 0, 0))
     return Population(
-        Shard(*jax.device_put(host.train)),  # on the device once, sliced per chunk
-        Shard(*jax.device_put(host.test)),
+        train,  # on the device once, sliced per chunk
+        test,
         holdout,
         host.n_train,
         trainer,
@@ -81,16 +101,95 @@ def build(spec: LearningSpec, chunk: int, label_flips: frozenset[int] = frozense
         eval_chunk,
         test_chunk,
         sharding,
-        jax.jit(jax.vmap(trainer.train)),
-        _evaluate_fn(trainer),
+        programs.train(chunk, train),
+        programs.evaluate(eval_chunk, test_chunk, test, holdout),
+        programs.init(chunk),
+        programs.init_one(),
+        programs.evaluate_holdout(holdout),
     )
+
+
+@functools.cache
+def _source_digest() -> str:
+    """This module's source: it defines the batched programs, so it keys them."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _batched(tree: Tree, size: int) -> Tree:
+    """Shape specs of `tree`'s leaves with a leading axis of `size` in place of theirs."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((size, *a.shape[1:]), a.dtype), tree
+    )
+
+
+def _stacked(tree: Tree, size: int) -> Tree:
+    """Shape specs of `tree`'s leaves (one peer's) stacked `size` times."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((size, *a.shape), a.dtype), tree)
+
+
+class _Programs(NamedTuple):
+    """The trainer's functions batched over peers, each served by its exported program
+    for the shapes a run calls it with (`exported.stored_or_exported`)."""
+
+    settings: dict[str, Any] | None  # None: plain `jax.jit`
+    trainer: Trainer
+    like: TrainState  # one peer's state, as shape specs
+
+    def _served(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], out: Any) -> Any:
+        tree = jax.tree_util.tree_structure(out)
+        return exported.stored_or_exported(self.settings, f"sim {name}", fn, args, tree)
+
+    def train(self, chunk: int, train: Shard) -> Any:
+        state = _stacked(self.like, chunk)
+        fn = jax.vmap(self.trainer.train)
+        return self._served("train", fn, (state, _batched(train, chunk)), (state, 0))
+
+    def evaluate(self, eval_chunk: int, test_chunk: int, test: Shard, holdout: Shard | None) -> Any:
+        trainer = self.trainer
+
+        def one(params: jax.Array, test: Shard, holdout: Shard | None) -> Any:
+            return trainer.evaluate_sets(params, (test,) if holdout is None else (test, holdout))
+
+        both = jax.vmap(one, in_axes=(0, 0, None))
+        alone = jax.vmap(lambda p, t: one(p, t, None))
+        with_holdout = None
+        if holdout is not None:
+            spec = (_stacked(self.like.params, eval_chunk), _batched(test, eval_chunk), holdout)
+            with_holdout = self._served("evaluate", both, spec, ((0, 0), (0, 0)))
+        alone_spec = (_stacked(self.like.params, test_chunk), _batched(test, test_chunk))
+        test_only = self._served("evaluate test", alone, alone_spec, ((0, 0),))
+
+        def evaluate(params: jax.Array, test: Shard, holdout: Shard | None) -> Any:
+            if holdout is None:
+                return test_only(params, test)
+            assert with_holdout is not None
+            return with_holdout(params, test, holdout)
+
+        return evaluate
+
+    def init(self, chunk: int) -> Any:
+        init = jax.vmap(self.trainer.init)
+        spec = jax.ShapeDtypeStruct((chunk, 3), np.int32)
+        return self._served("init", lambda a: init(a[:, 0], a[:, 1], a[:, 2]), (spec,), self.like)
+
+    def init_one(self) -> Any:
+        scalar = jax.ShapeDtypeStruct((), np.int32)
+        return self._served("init one", self.trainer.init, (scalar,) * 3, self.like)
+
+    def evaluate_holdout(self, holdout: Shard | None) -> Any:
+        evaluate_sets = self.trainer.evaluate_sets
+        if holdout is None:
+            return jax.jit(lambda params, h: evaluate_sets(params, (h,)))
+        args = (self.like.params, holdout)
+        return self._served(
+            "evaluate holdout", lambda p, h: evaluate_sets(p, (h,)), args, ((0, 0),)
+        )
 
 
 def initial_states(pop: Population, spec: LearningSpec) -> TrainState:
     """Every peer's initial state, stacked: `trainer.init` of each peer's streams."""
     args = np.array([init_args(spec, i) for i in range(len(pop.n_train))], dtype=np.int32)
-    init = jax.vmap(pop.trainer.init)
-    return _map_chunks(lambda a: init(a[:, 0], a[:, 1], a[:, 2]), pop, args, rows=None)
+    return _map_chunks(pop.init_step, pop, jnp.asarray(args), rows=None)
 
 
 @jax.jit
@@ -137,13 +236,6 @@ def train(pop: Population, states: TrainState, rows: Rows = None) -> tuple[Train
     return _map_chunks(pop.train_step, pop, states, pop.train, rows=rows)
 
 
-def _evaluate_fn(trainer: Trainer) -> Callable[..., Any]:
-    def one(params: jax.Array, test: Shard, holdout: Shard | None) -> Any:
-        return trainer.evaluate_sets(params, (test,) if holdout is None else (test, holdout))
-
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
-
-
 def evaluate(
     pop: Population, params: jax.Array, rows: Rows = None, holdout: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -168,5 +260,5 @@ def evaluate(
 def evaluate_holdout(pop: Population, params: jax.Array) -> tuple[float, float]:
     """(accuracy, loss) of one model `[d]` on the common holdout (the server's figure)."""
     assert pop.holdout is not None
-    results = jax.device_get(pop.trainer.evaluate_sets(params, (pop.holdout,)))
+    results = jax.device_get(pop.evaluate_holdout(params, pop.holdout))
     return float(results[0][0]), float(results[0][1])

@@ -9,6 +9,7 @@ finishes the run folder. The round loops are `sim.engine.GossipRun` and
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,14 @@ class Run:
         self.done = 0  # rounds completed
         self.releases = np.zeros(self.n, np.int64)  # [privacy]: each peer's DP releases
         self.log = log.bind(peer="sim", peers=self.n)
+        self.log.info(
+            "sim_start",
+            mode=r.mode,
+            rounds=r.rounds,
+            chunk=self.pop.chunk,
+            devices=len(jax.devices()),
+            glibc_tunables=os.environ.get("GLIBC_TUNABLES"),  # see runtime.process
+        )
 
     def rounds(self) -> None:
         """Every round of the run (each mode's loop)."""

@@ -1,0 +1,38 @@
+"""The `p2pfl` console script's first step: what must happen before anything is imported.
+
+`p2pfl simulate` (and `p2pfl compare --engine sim`) re-execute themselves once under
+glibc's allocator tunables (`runtime.process.tune_allocator`): the simulator makes and
+frees many `[peers, d]` arrays. Their run folder written, they end without the
+interpreter's teardown (`runtime.process.quick_exit`). Everything else goes straight
+to `app.cli`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def simulates(argv: Sequence[str]) -> bool:
+    """Whether the command line `argv` (without the program) runs the simulator."""
+    if argv[:1] == ["simulate"]:
+        return True
+    if argv[:1] != ["compare"]:
+        return False
+    pairs = zip(argv, [*argv[1:], ""], strict=True)
+    return "--engine=sim" in argv or any(a == "--engine" and b == "sim" for a, b in pairs)
+
+
+def main() -> int:
+    """Entry point of the `p2pfl` console script and of `python -m p2pfl`."""
+    from p2pfl.runtime import process
+
+    simulating = simulates(sys.argv[1:])
+    if simulating:
+        process.tune_allocator()
+    from p2pfl.app.cli import main as cli_main
+
+    code = cli_main()
+    if simulating:
+        process.quick_exit(code)
+    return code
