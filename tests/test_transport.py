@@ -73,3 +73,27 @@ def test_recv_returns_none_with_nothing_waiting(pair):
     _, receiver = pair
     assert receiver.recv(0.0) is None
     assert receiver.recv(0.05) is None
+
+
+def test_close_drops_what_is_queued_for_a_finished_neighbour():
+    """A neighbour that said bye (or went silent) reads nothing more: what is queued for
+    it is dropped at close instead of holding the exit for the whole linger, while a
+    live neighbour still gets its last message."""
+    import time
+
+    from p2pfl.net.sockets import LINGER_MS
+
+    live = Transport("tcp://127.0.0.1:*", {}, MAX_FRAMES)
+    live_addr = live.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
+    gone = Transport("tcp://127.0.0.1:*", {}, MAX_FRAMES)
+    gone_addr = gone.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
+    gone.close()  # its process has exited: nothing will ever read its queue
+    sender = Transport("tcp://127.0.0.1:*", {1: live_addr, 2: gone_addr}, MAX_FRAMES)
+    try:
+        assert sender.send(1, [b"last model"]) and sender.send(2, [b"bye"])
+        t = time.monotonic()
+        sender.close(done={2})
+        assert time.monotonic() - t < LINGER_MS / 2000  # not held for the linger
+        assert live.inbox.poll(2000) and live.inbox.recv_multipart() == [b"last model"]
+    finally:
+        live.close()

@@ -47,24 +47,6 @@ from p2pfl.runtime import process, roles
 TICK_S = 0.25  # progress refresh period (the launcher only watches; peers never sleep)
 STOP_GRACE_S = 5.0  # after SIGTERM, time before SIGKILL
 MAX_TABLE_ROWS = 16  # larger runs show a one-line summary instead of a row per peer
-# Imported once by the forkserver and shared by every forked peer: the roles' modules,
-# and what JAX imports lazily on a peer's first lowering (MLIR dialect bindings; scipy's
-# LAPACK, which calling an exported program loads). Imports only: no JAX backend may
-# start before the fork (XLA's threads do not survive it). A name that does not import
-# is skipped by the forkserver.
-PRELOAD = [
-    "p2pfl.runtime.roles",
-    "p2pfl.runtime.logs",
-    "p2pfl.runtime.peer",
-    "p2pfl.runtime.client",
-    "p2pfl.runtime.coordinator",
-    "p2pfl.app.launch",
-    "jaxlib.mlir.dialects.mhlo",
-    "jaxlib.mlir.dialects.builtin",
-    "jaxlib.mlir.extras.meta",
-    "jax.experimental.multihost_utils",
-    "scipy.linalg",
-]
 COORDINATOR_END_S = 15.0  # after the last peer exits, time the coordinator gets to finish
 _PR_SET_PDEATHSIG = 1
 
@@ -176,9 +158,7 @@ class Launcher:
     def start(self) -> None:
         """Spawn the peers, pinned round-robin to the cores this process may use."""
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
-        process.limit_threads()  # inherited by the forkserver, hence by every peer
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
+        ctx = process.start_forkserver()  # already running when the console script began
         cores = sorted(os.sched_getaffinity(0))
         logs = self.out / "logs"
         if not precompile.run(ctx, self.s, cores[0], logs / "precompile.stderr"):

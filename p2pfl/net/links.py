@@ -16,7 +16,7 @@ import heapq
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -34,7 +34,7 @@ class GossipTransport(Protocol):
     def send(self, peer_id: int, frames: Sequence[Buffer]) -> bool: ...
     def recv(self, timeout_s: float) -> Envelope | None: ...
     def connect(self, peer_id: int, addr: str) -> None: ...
-    def close(self, linger_ms: int | None = None) -> None: ...
+    def close(self, linger_ms: int | None = None, done: Collection[int] = ()) -> None: ...
 
 
 class _DelayLine:
@@ -168,14 +168,14 @@ class FaultyLinks:
         """Add a neighbour to the transport below."""
         self._inner.connect(peer_id, addr)
 
-    def close(self, linger_ms: int | None = None) -> None:
+    def close(self, linger_ms: int | None = None, done: Collection[int] = ()) -> None:
         """Send the delayed messages that fall due within the linger (LINGER_MS unless
         given), drop the rest, log the losses, then close the transport below with what
-        is left of the linger."""
+        is left of the linger (`done`: as `Transport.close`)."""
         deadline = time.monotonic() + (LINGER_MS if linger_ms is None else linger_ms) / 1000.0
         if self._delay is not None:
             self._delay.close(deadline)
-        self._inner.close(max(0, int((deadline - time.monotonic()) * 1000)))
+        self._inner.close(max(0, int((deadline - time.monotonic()) * 1000)), done)
         log.debug(
             "link_dropped",
             dropped=sum(self.dropped.values()),

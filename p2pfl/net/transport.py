@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import zmq
 
@@ -91,10 +91,15 @@ class Transport:
         with self._lock:
             self.outboxes[peer_id] = self._sockets.connect(zmq.PUSH, addr, node=peer_id)
 
-    def close(self, linger_ms: int | None = None) -> None:
-        """Flush (bounded by `linger_ms`, default the sockets' LINGER_MS) and close."""
-        for sock in self.outboxes.values():
-            sock.close(linger=linger_ms)
+    def close(self, linger_ms: int | None = None, done: Collection[int] = ()) -> None:
+        """Flush (bounded by `linger_ms`, default the sockets' LINGER_MS) and close.
+
+        The outboxes of neighbours in `done` (finished or gone: they read nothing more)
+        are dropped at once: messages queued for a process that has exited would hold
+        the close for the whole linger.
+        """
+        for j, sock in self.outboxes.items():
+            sock.close(linger=0 if j in done else linger_ms)
         self.inbox.close()
         self._sockets.term()
 

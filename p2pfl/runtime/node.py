@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from p2pfl.protocol import wire
 from p2pfl.protocol.events import Event, Malformed, Received, Send
@@ -106,20 +106,11 @@ def drive(
         The messages received, their bytes and the seconds spent blocked in receives.
     """
     guard = lock if lock is not None else contextlib.nullcontext()
-    seen = Driven()
+    seen = drain(machine, port, lock=lock, clock=clock, limit=max_unwaited if drain_first else 0)
 
     def feed(event: Event) -> None:
-        seen.messages += 1
-        seen.received_bytes += event.size
-        with guard:
-            sends = machine.feed(event, clock())
-        port.carry_out(sends)
+        _feed(machine, port, event, guard, clock, seen)
 
-    if drain_first:
-        for _ in range(max_unwaited):
-            if (event := port.receive(0.0)) is None:
-                break
-            feed(event)
     unwaited = 0
     while unwaited < max_unwaited:
         with guard:
@@ -137,6 +128,35 @@ def drive(
         with guard:
             if until(clock()):
                 break
+    return seen
+
+
+def _feed(
+    machine: Machine, port: Port, event: Event, guard: Any, clock: Clock, seen: Driven
+) -> None:
+    seen.messages += 1
+    seen.received_bytes += event.size
+    with guard:
+        sends = machine.feed(event, clock())
+    port.carry_out(sends)
+
+
+def drain(
+    machine: Machine,
+    port: Port,
+    *,
+    lock: threading.Lock | None = None,
+    clock: Clock = time.monotonic,
+    limit: int = MAX_UNWAITED,
+) -> Driven:
+    """Feed `machine` what is already queued on `port` (at most `limit` messages),
+    without waiting and without ticking it."""
+    guard = lock if lock is not None else contextlib.nullcontext()
+    seen = Driven()
+    for _ in range(limit):
+        if (event := port.receive(0.0)) is None:
+            break
+        _feed(machine, port, event, guard, clock, seen)
     return seen
 
 

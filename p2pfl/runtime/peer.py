@@ -43,7 +43,7 @@ from p2pfl.protocol.sync import SyncGossip
 from p2pfl.record.history import save_model
 from p2pfl.record.rounds import PeerHistory
 from p2pfl.runtime.learner import Learner
-from p2pfl.runtime.node import decode, drive, encode
+from p2pfl.runtime.node import decode, drain, drive, encode
 from p2pfl.runtime.process import die
 from p2pfl.runtime.ticker import Ticker
 
@@ -308,6 +308,9 @@ class GossipPeer:
             self.learner.save(state, r)
         structlog.contextvars.unbind_contextvars("round")
         self.ticker.stop()
+        # the byes already in: those neighbours are done, so `close` drops what is queued
+        # for them instead of holding the exit for the whole linger
+        drain(self.sync, self.port, lock=self.lock)
         self.port.quiet().carry_out(self.sync.bye())  # no alarm: they stop waiting for us
         save_model(p.run.out / "models" / f"peer-{self.id}.npz", as_numpy(state.params))
         if self.boot is not None and self.boot_port is not None:  # best effort: it may be gone
@@ -318,7 +321,9 @@ class GossipPeer:
         """Stop the heartbeats, flush the last sends, release the sockets and the history."""
         if self.ticker is not None:
             self.ticker.stop()
-        self.transport.close()
+        with self.lock:  # neighbours that said bye or went silent read nothing more
+            done = frozenset(self.sync.liveness.gone)
+        self.transport.close(done=done)
         if self.link is not None:
             self.link.close()
         self.history.close()
