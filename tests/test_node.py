@@ -8,7 +8,7 @@ import numpy as np
 
 from p2pfl.protocol import wire
 from p2pfl.protocol.events import Malformed, Received, Send
-from p2pfl.runtime.node import decode, drive, encode
+from p2pfl.runtime.node import decode, drain, drive, encode
 
 
 class Clock:
@@ -100,6 +100,18 @@ def test_drain_first_and_the_flood_bound():
     seen = drive(m, port, m.done, lock=lock, clock=clock, drain_first=True, max_unwaited=5)
     assert seen.messages == 10  # 5 drained first, then 5 more without waiting
     assert not lock.locked()
+
+
+def test_drain_reads_only_what_is_queued():
+    """drain feeds what has already arrived, never waits, never ticks (a finished peer
+    reading its neighbours' byes)."""
+    clock = Clock()
+    port = FakePort(clock, [(0.0, msg(1)), (0.0, msg(2)), (5.0, msg(3))])
+    m = Counter(need=99, deadline=10.0)
+    seen = drain(m, port, clock=clock)
+    assert seen.messages == 2 and m.fed == [0.0, 0.0]
+    assert port.waits == [0.0, 0.0, 0.0] and clock.t == 0.0
+    assert not m.ticked and [s.type for s in port.sent] == ["heartbeat", "heartbeat"]
 
 
 def test_decode_and_encode():
