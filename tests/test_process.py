@@ -114,3 +114,36 @@ def test_p2pfl_simulate_runs_under_the_tunables_and_writes_everything(tmp_path: 
 
 def _parse(tunables: str | None) -> dict[str, str]:
     return dict(t.split("=", 1) for t in (tunables or "").split(":") if t)
+
+
+def _job(out: Path) -> dict:
+    from p2pfl.app import plot_worker
+
+    rows = [{"round": r, "holdout_accuracy": 0.1 * r, "epsilon": None} for r in range(4)]
+    return plot_worker.job({0: rows, 1: rows}, out, "t", None, privacy=False)
+
+
+@pytest.mark.slow
+def test_the_plot_worker_draws_the_plots(tmp_path: Path):
+    """The helper process imports matplotlib, then draws the job it is handed."""
+    from p2pfl.app import plot_worker
+
+    worker = plot_worker.PlotWorker()
+    try:
+        assert worker.draw(_job(tmp_path))
+    finally:
+        worker.close()
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_dead_plot_worker_costs_no_plot(tmp_path: Path):
+    """A helper that is gone: `draw` reports it, and the caller's fallback draws here."""
+    from p2pfl.app import plot_worker
+
+    worker = plot_worker.PlotWorker()
+    worker.close()  # killed before it got the job
+    assert not worker.draw(_job(tmp_path))
+    assert not (tmp_path / "accuracy.png").exists()
+    plot_worker.draw(_job(tmp_path), worker)
+    assert (tmp_path / "accuracy.png").stat().st_size > 0

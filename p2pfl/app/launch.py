@@ -33,7 +33,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from p2pfl.app import precompile
+from p2pfl.app import plot_worker, precompile
 from p2pfl.app.ports import LaunchError, bound_addresses, unusable_addresses
 from p2pfl.config.keys import check_keys
 from p2pfl.config.loader import MAX_LAUNCH_PEERS
@@ -339,12 +339,9 @@ class Launcher:
         )
         summary["rejoined_peers"] = sorted(self.rejoined)  # restarted from their checkpoint
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from p2pfl.app.plots import accuracy_plot, privacy_plot
-
         title = f"{self.s.name} ({self.s.mode})"
-        accuracy_plot(histories, self.out / "accuracy.png", title, server)
-        if summary["privacy"] is not None:
-            privacy_plot(histories, self.out / "privacy.png", title)
+        privacy = summary["privacy"] is not None
+        plot_worker.draw_here(plot_worker.job(histories, self.out, title, server, privacy))
         return summary
 
 

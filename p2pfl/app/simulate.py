@@ -20,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from p2pfl.app import plot_worker
 from p2pfl.app.launch import clean_run_folder
 from p2pfl.config.schema import Scenario
 from p2pfl.runtime import logs, process
@@ -42,6 +43,26 @@ def run(
     progress; the summary of what ran is still written (`interrupted: true`), then
     KeyboardInterrupt propagates.
     """
+
+    # the command line's plots are drawn by a helper that imports matplotlib meanwhile;
+    # a library call draws its own (no child processes in the caller's process)
+    worker = None if library else plot_worker.PlotWorker()
+    try:
+        return _run(scenario, out, console, library, model, data, worker)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _run(
+    scenario: Scenario,
+    out: Path,
+    console: Console | None,
+    library: bool,
+    model: Any,
+    data: Any,
+    worker: plot_worker.PlotWorker | None,
+) -> Any:
     import structlog
 
     process.enable_compile_cache()
@@ -74,18 +95,19 @@ def run(
 
     with progress:
         result = simulate(plan, on_round)
-    plot(result, scenario, out)
+    plot(result, scenario, out, worker)
     if result.summary.get("interrupted"):
         raise KeyboardInterrupt
     return result
 
 
-def plot(result: Any, scenario: Scenario, out: Path) -> None:
+def plot(
+    result: Any, scenario: Scenario, out: Path, worker: plot_worker.PlotWorker | None = None
+) -> None:
     """`accuracy.png`: peers' holdout accuracy per round (the first `MAX_PLOTTED` of
-    them drawn one by one), their mean, and the server's global model."""
+    them drawn one by one), their mean, and the server's global model; `privacy.png`
+    with DP."""
     import numpy as np
-
-    from p2pfl.app.plots import accuracy_plot, privacy_plot
 
     acc, eps = result.history["holdout_accuracy"], result.history["epsilon"]
     histories = {
@@ -103,6 +125,5 @@ def plot(result: Any, scenario: Scenario, out: Path) -> None:
     title = f"{scenario.name} ({scenario.mode}, simulated)"
     if acc.shape[1] > MAX_PLOTTED:
         title += f": the first {MAX_PLOTTED} of {acc.shape[1]} peers"
-    accuracy_plot(histories, out / "accuracy.png", title, result.server or None)
-    if result.summary.get("privacy") is not None:
-        privacy_plot(histories, out / "privacy.png", title)
+    privacy = result.summary.get("privacy") is not None
+    plot_worker.draw(plot_worker.job(histories, out, title, result.server or None, privacy), worker)
