@@ -48,6 +48,7 @@ def simulate(
     out: str | Path | None = None,
     mode: str | None = None,
     progress: bool = True,
+    distributed: tuple[str, int, int] | None = None,
 ) -> Result:
     """Every peer of `scenario` in this process (the simulator engine); its run folder
     is written as `p2pfl simulate` writes it.
@@ -55,12 +56,20 @@ def simulate(
     `model`: a factory `(n_features, n_classes, key)` returning an `(init, apply)` pair,
     a Flax or an Equinox module; `data`: a loader `() -> (x, y[, x_holdout,
     y_holdout])` or those arrays. Either overrides the scenario's model / dataset.
+    `distributed`: `(coordinator_address, num_processes, process_id)` to share the
+    peers with other processes running the same call (`jax.distributed`; before this
+    process has run anything on JAX); every one gets the whole `Result`, the first
+    writes the run folder.
     """
     from p2pfl.app import simulate as sim
+    from p2pfl.runtime.process import Distributed
 
     s = scenario_of(scenario, mode)
     folder = roles.run_folder(out, s)
-    return sim.run(s, folder, _console(progress), library=True, model=model, data=data)
+    d = None if distributed is None else Distributed(*distributed)
+    return sim.run(
+        s, folder, _console(progress), library=True, model=model, data=data, distributed=d
+    )
 
 
 _PATH_FIELDS = (("data", "path"), ("data", "holdout"), ("topology", "file"))

@@ -76,14 +76,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     s = roles.scenario(args.scenario, mode=args.mode)
     out = roles.run_folder(args.out, s)
     console = Console()
+    distributed = _distributed(args)
     try:
-        result = simulate.run(s, out, console)
+        result = simulate.run(s, out, console, distributed=distributed)
     except LaunchError as exc:
         print(f"p2pfl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    console.line()
-    _print_summary(console, result.summary, out)
+    if distributed is None or distributed.process_id == 0:
+        console.line()
+        _print_summary(console, result.summary, out)
     return EXIT_OK
+
+
+def _distributed(args: argparse.Namespace) -> Any:
+    """`simulate`'s `jax.distributed` flags as a `process.Distributed`, or None."""
+    from p2pfl.runtime.process import Distributed
+
+    given = [args.coordinator_address, args.num_processes, args.process_id]
+    if all(x is None for x in given):
+        return None
+    if any(x is None for x in given):
+        raise ScenarioError("--coordinator-address, --num-processes and --process-id go together")
+    try:
+        return Distributed(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as exc:
+        raise ScenarioError(f"--process-id / --num-processes: {exc}") from exc
 
 
 def _run_mode(s: Any, scenario: Path | None, out: Path, engine: str, console: Any) -> dict:
@@ -335,6 +352,13 @@ def _parser() -> argparse.ArgumentParser:
     scenario_arg(q)
     mode_arg(q)
     q.add_argument("--out", help="run folder (default: runs/<name>/<mode>)")
+    q.add_argument(
+        "--coordinator-address",
+        help="jax.distributed: HOST:PORT of process 0; every process runs this same "
+        "command with its own --process-id, and process 0 writes the run folder",
+    )
+    q.add_argument("--num-processes", type=int, help="jax.distributed: how many processes")
+    q.add_argument("--process-id", type=int, help="jax.distributed: this process, 0..N-1")
     q.set_defaults(func=cmd_simulate)
 
     q = sub.add_parser("peer", help="run one peer of a scenario")

@@ -35,20 +35,25 @@ def run(
     library: bool = False,
     model: Any = None,
     data: Any = None,
+    distributed: process.Distributed | None = None,
 ) -> Any:
     """Simulate `scenario` into run folder `out` and return the `p2pfl.sim` Result.
 
     The log goes to `out/logs/sim.jsonl`; as a `library` (the Python API) only when the
     process has not configured structlog itself. Ctrl-C stops after the round in
     progress; the summary of what ran is still written (`interrupted: true`), then
-    KeyboardInterrupt propagates.
+    KeyboardInterrupt propagates. `distributed`: this process is one of several
+    (`jax.distributed`) sharing the peers; only the first writes the run folder, shows
+    progress and draws the plots, the others log to stderr.
     """
-
+    first = distributed is None or distributed.process_id == 0
+    if distributed is not None:
+        process.join(distributed)
     # the command line's plots are drawn by a helper that imports matplotlib meanwhile;
     # a library call draws its own (no child processes in the caller's process)
-    worker = None if library else plot_worker.PlotWorker()
+    worker = plot_worker.PlotWorker() if first and not library else None
     try:
-        return _run(scenario, out, console, library, model, data, worker)
+        return _run(scenario, out, console, library, model, data, worker, first)
     finally:
         if worker is not None:
             worker.close()
@@ -62,6 +67,7 @@ def _run(
     model: Any,
     data: Any,
     worker: plot_worker.PlotWorker | None,
+    first: bool,
 ) -> Any:
     import structlog
 
@@ -69,9 +75,12 @@ def _run(
     from p2pfl.config.plan import sim_plan
     from p2pfl.sim.engine import RoundDone, simulate
 
-    clean_run_folder(out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    if not library:
+    if first:
+        clean_run_folder(out)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+    if not first:
+        logs.configure(None)  # the first process writes the run folder, its log included
+    elif not library:
         logs.configure(out / "logs" / "sim.jsonl")
     elif not structlog.is_configured():
         logs.configure(out / "logs" / "sim.jsonl", level="debug", cache=False)
@@ -85,6 +94,7 @@ def _run(
         TimeRemainingColumn(),
         console=console or Console(),
         transient=False,
+        disable=not first,
     )
     task = progress.add_task("rounds", total=scenario.training.rounds, accuracy="")
 
@@ -95,7 +105,8 @@ def _run(
 
     with progress:
         result = simulate(plan, on_round)
-    plot(result, scenario, out, worker)
+    if first:
+        plot(result, scenario, out, worker)
     if result.summary.get("interrupted"):
         raise KeyboardInterrupt
     return result

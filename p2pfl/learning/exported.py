@@ -156,7 +156,7 @@ def committed(tree: Any) -> Any:
     """`tree`'s arrays committed to the default device (no copy when they are there):
     how a `Program` takes its arguments, so that ones placed once are not placed again
     at every call."""
-    return jax.device_put(tree, jax.devices()[0])
+    return jax.device_put(tree, jax.local_devices()[0])
 
 
 class Program:
@@ -181,7 +181,7 @@ class Program:
         self._out_avals = [] if program is None else list(program.out_avals)
         self._out_tree = out_tree
         self._call = None if program is None else jax.jit(program.call)
-        self._device = jax.devices()[0]  # where a single-device program runs
+        self._device = jax.local_devices()[0]  # where a single-device program runs
 
     def _flat(self, args: tuple[Any, ...]) -> list[Any] | None:
         """`args` as the program's flat arguments, or None when they do not fit it.

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -116,6 +117,32 @@ def start_forkserver() -> Any:
     ctx.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()
     return ctx
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """One process of a simulation spread over several (`jax.distributed`): every one
+    runs the same command with its own `process_id`."""
+
+    coordinator_address: str  # "host:port" of process 0, reachable by every process
+    num_processes: int
+    process_id: int
+
+    def __post_init__(self) -> None:
+        if self.num_processes < 2 or not 0 <= self.process_id < self.num_processes:
+            raise ValueError(
+                f"process id {self.process_id} of {self.num_processes} processes: need "
+                "at least 2 processes and 0 <= id < processes"
+            )
+
+
+def join(d: Distributed) -> None:
+    """Join the run's JAX processes (before any JAX computation). On CPU the processes'
+    collectives go over gloo (TCP); GPUs use their own."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
 
 
 def limit_threads() -> None:

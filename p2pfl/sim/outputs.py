@@ -32,15 +32,16 @@ COLUMNAR_ABOVE = 256  # more peers than this: history.npz and models/peers.npz
 
 class Histories:
     """Every peer's lines as they are made: kept as columns, and written as JSON lines
-    when the run is small enough (`COLUMNAR_ABOVE`)."""
+    when the run is small enough (`COLUMNAR_ABOVE`); with `files` False (a JAX process
+    other than the first of a distributed run) nothing is written."""
 
-    def __init__(self, out: Path, peers: int, rounds: int) -> None:
-        self.out, self.peers = out, peers
+    def __init__(self, out: Path, peers: int, rounds: int, files: bool = True) -> None:
+        self.out, self.peers, self.files = out, peers, files
         self.columnar = peers > COLUMNAR_ABOVE
         self.columns = {k: np.full((rounds + 1, peers), np.nan) for k in COLUMNS}
         self.last: dict[int, dict[str, Any]] = {}  # each peer's latest line
         self._writers: dict[int, HistoryWriter] = {}
-        if not self.columnar:
+        if not self.columnar and files:
             self._writers = {i: HistoryWriter(out / f"peer-{i}.jsonl") for i in range(peers)}
 
     def write(self, peer: int, record: RoundRecord) -> None:
@@ -50,14 +51,14 @@ class Histories:
             if line[k] is not None:
                 self.columns[k][record.round, peer] = line[k]
         self.last[peer] = line
-        if not self.columnar:
+        if self._writers:
             self._writers[peer].write(record)
 
     def close(self) -> None:
         """Close the files; a columnar run writes `history.npz` now."""
         for w in self._writers.values():
             w.close()
-        if self.columnar:
+        if self.columnar and self.files:
             np.savez(self.out / "history.npz", **self.columns)  # type: ignore[arg-type]
 
 
@@ -105,5 +106,6 @@ def summary(
     )
     result["interrupted"] = interrupted
     result["history"] = "history.npz" if histories.columnar else "peer-<id>.jsonl"
-    (histories.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    if histories.files:
+        (histories.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -61,11 +61,14 @@ class Population(NamedTuple):
     init_step: Callable[[jax.Array], TrainState]  # vmapped over [chunk, 3] init args
     init_one: Callable[[int, int, int], TrainState]  # `trainer.init`
     evaluate_holdout: Callable[[jax.Array, Shard], Any]  # one model on the holdout
+    processes: int = 1  # JAX processes of the run (`jax.distributed`): each its share
+    process: int = 0  # ... and this one's index
 
 
 def _sharding(chunk: int) -> tuple[int, NamedSharding | None]:
-    """The chunk rounded up to a multiple of the devices, and the peer-axis sharding."""
-    devices = jax.devices()
+    """The chunk rounded up to a multiple of this process's devices, and the peer-axis
+    sharding across them."""
+    devices = jax.local_devices()
     if len(devices) == 1:
         return chunk, None
     chunk = -(-chunk // len(devices)) * len(devices)
@@ -106,6 +109,8 @@ def build(spec: LearningSpec, chunk: int, label_flips: frozenset[int] = frozense
         programs.init(chunk),
         programs.init_one(),
         programs.evaluate_holdout(holdout),
+        jax.process_count(),
+        jax.process_index(),
     )
 
 
@@ -207,15 +212,30 @@ def _map_chunks(
 ) -> Tree:
     """`fn` over the peer axis of `stacked` (every peer's, in id order), for peers `rows`
     (None: all) in that order, `chunk` (default `pop.chunk`) peers a call; the results
-    stacked like `rows`."""
+    stacked like `rows`. Across JAX processes each computes its contiguous share of
+    `rows` and every one gets all the results."""
     n = len(pop.n_train)
     if rows is not None and len(rows) == n and (np.asarray(rows) == np.arange(n)).all():
         rows = None  # every peer in order: no gather
     size = pop.chunk if chunk is None else chunk
-    whole = rows is None and n == size  # one call on the stacks as they are
     ids = np.arange(n) if rows is None else np.asarray(rows)
     if len(ids) == 0:
         raise ValueError("no peers to run")
+    if pop.processes > 1:
+        return _across_processes(fn, pop, stacked, ids, size)
+    return _local(fn, pop, stacked, ids, size, whole=rows is None and n == size)
+
+
+def _local(
+    fn: Callable[..., Tree],
+    pop: Population,
+    stacked: tuple[Tree, ...],
+    ids: np.ndarray,
+    size: int,
+    whole: bool,
+) -> Tree:
+    """`fn` over peers `ids` on this process's devices, `size` peers a call (`whole`:
+    one call on the stacks as they are)."""
     outs = []
     for start in range(0, len(ids), size):
         part = ids[start : start + size]
@@ -228,6 +248,29 @@ def _map_chunks(
     if len(outs) == 1:
         return outs[0]
     return jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *outs)
+
+
+def _across_processes(
+    fn: Callable[..., Tree], pop: Population, stacked: tuple[Tree, ...], ids: np.ndarray, size: int
+) -> Tree:
+    """`fn` over peers `ids` split into one contiguous share per JAX process (each on
+    its own devices, the same `size`-peer programs as one process runs, so the same
+    results), then gathered so that every process holds all of them in `ids` order."""
+    from jax.experimental import multihost_utils
+
+    k = pop.processes
+    m = -(-len(ids) // k)
+    mine = ids[pop.process * m : (pop.process + 1) * m]
+    out = _local(fn, pop, stacked, mine if len(mine) else ids[-1:], size, whole=False)
+
+    def padded(a: jax.Array) -> np.ndarray:  # every process contributes m rows
+        host = np.asarray(a)[: len(mine)]
+        return np.concatenate([host, np.zeros((m - len(host), *host.shape[1:]), host.dtype)])
+
+    gathered = multihost_utils.process_allgather(jax.tree_util.tree_map(padded, out))
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a.reshape(k * m, *a.shape[2:])[: len(ids)]), gathered
+    )
 
 
 def train(pop: Population, states: TrainState, rows: Rows = None) -> tuple[TrainState, jax.Array]:

@@ -66,14 +66,16 @@ class Run:
     def __init__(self, plan: SimPlan, on_round: OnRound | None) -> None:
         self.plan, self.on_round = plan, on_round
         r = plan.run
-        r.out.mkdir(parents=True, exist_ok=True)
+        self.files = jax.process_index() == 0  # a distributed run: the first process writes
+        if self.files:
+            r.out.mkdir(parents=True, exist_ok=True)
         self.pop = population.build(plan.learning, plan.chunk, plan.label_flips)
         self.states = population.initial_states(self.pop, plan.learning)
         self.n = r.peers
         self.schedule = Schedule(self.n, plan.crashes, r.mode)
         self.global_model: jax.Array | None = None  # centralized: the server's model
         self.global_holdout: float | None = None  # ... and its holdout accuracy
-        self.histories = Histories(r.out, self.n, r.rounds)
+        self.histories = Histories(r.out, self.n, r.rounds, self.files)
         self.server: list[ServerRecord] = []
         self.t0, self.started_at = time.perf_counter(), time.time()
         self.transform_states = {i: t.init(r.seed, i) for i, t in plan.transforms.items()}
@@ -86,6 +88,7 @@ class Run:
             rounds=r.rounds,
             chunk=self.pop.chunk,
             devices=len(jax.devices()),
+            processes=self.pop.processes,
             glibc_tunables=os.environ.get("GLIBC_TUNABLES"),  # see runtime.process
         )
 
@@ -176,11 +179,13 @@ class Run:
         global_model = None
         if centralized and self.global_model is not None:
             global_model = np.asarray(self.global_model, np.float32)
-            w = HistoryWriter(p.run.out / "coordinator.jsonl")
-            for rec in self.server:
-                w.write(rec)
-            w.close()
-        write_models(p.run.out, models, global_model)
+            if self.files:
+                w = HistoryWriter(p.run.out / "coordinator.jsonl")
+                for rec in self.server:
+                    w.write(rec)
+                w.close()
+        if self.files:
+            write_models(p.run.out, models, global_model)
         alive = self.schedule.alive(self.done + 1)
         completed = [i for i in range(self.n) if alive[i]] if not interrupted else []
         crashed = [i for i, down in self.schedule.down.items() if down <= self.done]
