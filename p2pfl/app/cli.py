@@ -8,13 +8,11 @@ for what a peer needs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from p2pfl.config.loader import graph, with_mode
+from p2pfl.config.loader import with_mode
 from p2pfl.config.schema import ScenarioError
 from p2pfl.runtime import roles
 from p2pfl.runtime.roles import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -180,49 +178,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     """Print the ε a scenario's peers will have, before running anything."""
     from rich.console import Console
-    from rich.table import Table
 
-    from p2pfl.config.privacy import dp_plan, forecast
+    from p2pfl.app import reports
 
-    s = roles.scenario(args.scenario)
-    dp = dp_plan(s)
-    console = Console()
-    if s.privacy.secure_aggregation:
-        console.print(
-            f"{s.name}: secure aggregation: the server unmasks only the sum of each round's "
-            f"updates (each coordinate clipped to ±{s.privacy.secagg_range:g}); it adds no "
-            "noise and spends no ε",
-            markup=False,
-        )
-    if dp is None:
-        console.print(
-            f"{s.name}: no differential privacy ([privacy] mechanism = 'none')", markup=False
-        )
-        return EXIT_OK
-    rounds = s.training.rounds
-    marks = sorted({*range(10, rounds + 1, 10), rounds})
-    at = forecast(s, marks)
-    how = "calibrated for target_epsilon" if s.privacy.target_epsilon is not None else "set"
-    kind = {
-        ("dp_sgd", "peer"): "DP-SGD (sample-level, each peer's records)",
-        ("update", "peer"): "update (participant-level, local DP)",
-        ("update", "server"): f"update (participant-level, central DP, Poisson q = {dp.q:g})",
-    }[(dp.mechanism, dp.where)]
-    console.print(
-        f"{s.name} ({s.mode}): {kind}, clip {dp.clip:g}, noise multiplier {dp.sigma:.4g} "
-        f"({how}), δ = {dp.delta:g}, {dp.accountant.upper()} accountant",
-        markup=False,
-    )
-    table = Table("after round", "ε (a peer that trains every round)")
-    for r in marks:
-        lo, hi = at[r]
-        table.add_row(str(r), f"{hi:.4g}" if lo == hi else f"{lo:.4g} to {hi:.4g} (by shard size)")
-    console.print(table)
-    if s.mode == "centralized" and dp.where == "peer":
-        console.print(
-            f"centralized: a peer spends ε only in the rounds it is sampled in (fraction "
-            f"{s.centralized.fraction:g}); the column is the most it can spend"
-        )
+    reports.privacy(roles.scenario(args.scenario), Console())
     return EXIT_OK
 
 
@@ -258,38 +217,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_topology(args: argparse.Namespace) -> int:
     """Print (or draw) the scenario's graph and its mixing figures."""
-    from p2pfl.core.graphs import report
+    from p2pfl.app import reports
 
-    s = roles.scenario(args.scenario)
-    g = graph(s)
-    rep = report(g, s.gossip.mixing)
-    if args.json:
-        print(json.dumps(asdict(rep)))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(
-            "figure", "value", title=f"{s.name}: {s.topology.kind}, {s.gossip.mixing} mixing"
-        )
-        rows = {
-            "peers": rep.peers,
-            "edges": len(rep.edges),
-            "degree min/max": f"{rep.degree_min}/{rep.degree_max}",
-            "diameter": rep.diameter,
-            "λ (second-largest eigenvalue modulus)": f"{rep.slem:.4f}",
-            "spectral gap 1-λ": f"{rep.spectral_gap:.4f}",
-            f"rounds to consensus (λ^R < {rep.consensus_tolerance:g})": rep.rounds_to_consensus,
-        }
-        for k, v in rows.items():
-            table.add_row(k, str(v))
-        Console().print(table)
-        if len(rep.edges) <= 64:
-            print("edges:", " ".join(f"{a}-{b}" for a, b in rep.edges))
-    if args.png:
-        from p2pfl.app.plots import topology_plot
-
-        topology_plot(g, Path(args.png), f"{s.name}: {s.topology.kind} (λ = {rep.slem:.3f})")
+    reports.topology(roles.scenario(args.scenario), args.json, args.png)
     return EXIT_OK
 
 
