@@ -8,9 +8,13 @@ functions under `jax.vmap`. Work runs in chunks of at most `chunk` peers, every 
 the same size (the last one padded by repeating its last peer), so one compiled
 program serves the whole run and memory stays flat however many peers there are.
 
+The batched programs are exported once into the compile cache and read back by later
+runs of the same shapes (`learning.exported.stored_or_exported`): a run traces nothing.
 With more than one JAX device, each chunk's peer axis is sharded across them
 (`jax.sharding.NamedSharding` over a one-axis mesh): the same programs, partitioned by
-XLA, and the same results.
+XLA, and the same results. Across JAX processes (`jax.distributed`), each computes its
+contiguous share of the peers on its own devices and the shares are gathered, so that
+every process holds all the results.
 """
 
 from __future__ import annotations
