@@ -87,3 +87,34 @@ def test_two_jax_processes_compute_what_one_computes(tmp_path: Path, mode: str):
     assert start["processes"] == 2
     # only process 0 writes the run folder: nothing of process 1's in it
     assert not list(shared.glob("logs/*-1*"))
+
+
+def test_a_lost_process_ends_the_others_at_once_with_a_summary(tmp_path: Path):
+    """Process 1 is SIGKILLed mid-run: process 0 does not hang in the gather (nor wait
+    out JAX's heartbeat timeout at exit); it exits 1 saying why, after writing the
+    summary of the rounds done."""
+    import time
+
+    scenario = _scenario(tmp_path, "gossip")
+    scenario.write_text(scenario.read_text().replace("rounds = 4", "rounds = 100000"))
+    out = tmp_path / "run"
+    flags = ["--coordinator-address", f"127.0.0.1:{free_base_port(1)}", "--num-processes", "2"]
+    second = _simulate(scenario, out, *flags, "--process-id", "1")
+    first = _simulate(scenario, out, *flags, "--process-id", "0")
+    try:
+        log = out / "logs" / "sim.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            if log.exists() and log.read_text().count('"round_done"') >= 3:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, "process 0 ended before process 1 was killed"
+        second.kill()
+        _, err = first.communicate(timeout=60)  # not JAX's ~100 s heartbeat timeout
+    finally:
+        _finish([second, first], timeout=5)
+    assert first.returncode == 1
+    assert b"results did not come" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert any('"process_lost"' in line for line in log.read_text().splitlines())

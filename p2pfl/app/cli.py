@@ -70,6 +70,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from p2pfl.app import simulate
     from p2pfl.app.ports import LaunchError
+    from p2pfl.runtime.process import quick_exit
+    from p2pfl.sim.population import ProcessLostError
 
     s = roles.scenario(args.scenario, mode=args.mode)
     out = roles.run_folder(args.out, s)
@@ -80,6 +82,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         print(f"p2pfl: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ProcessLostError as exc:
+        print(f"p2pfl: {exc}; the summary of the rounds done is in {out}", file=sys.stderr)
+        # now, not at exit: JAX's shutdown would wait out the lost process's heartbeat
+        quick_exit(EXIT_FAILED)
     if distributed is None or distributed.process_id == 0:
         console.line()
         _print_summary(console, result.summary, out)

@@ -110,11 +110,18 @@ class GossipRun(Run):
 
 def simulate(plan: SimPlan, on_round: OnRound | None = None) -> Result:
     """Run every round of `plan` and write its run folder; Ctrl-C stops after the round
-    in progress and still writes the summary of what ran (`interrupted: true`)."""
+    in progress and still writes the summary of what ran (`interrupted: true`), as does
+    a distributed run that loses a process (then `population.ProcessLostError` is raised)."""
     run: Run = (CentralizedRun if plan.run.mode == "centralized" else GossipRun)(plan, on_round)
-    interrupted = False
+    interrupted, lost = False, None
     try:
         run.rounds()
     except KeyboardInterrupt:
         interrupted = True
-    return run.finish(interrupted)
+    except population.ProcessLostError as exc:
+        run.log.error("process_lost", reason=str(exc), rounds_done=run.done)
+        interrupted, lost = True, exc
+    result = run.finish(interrupted)
+    if lost is not None:
+        raise lost
+    return result

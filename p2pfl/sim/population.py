@@ -47,6 +47,10 @@ Rows = np.ndarray | None  # peer ids to run, in order (None: every peer)
 EVAL_ROWS = 2**17
 
 
+class ProcessLostError(RuntimeError):
+    """Another JAX process of a distributed run is gone (its results never came)."""
+
+
 class Population(NamedTuple):
     """All peers' data and learning functions; their states live beside it (`states`)."""
 
@@ -271,7 +275,12 @@ def _across_processes(
         host = np.asarray(a)[: len(mine)]
         return np.concatenate([host, np.zeros((m - len(host), *host.shape[1:]), host.dtype)])
 
-    gathered = multihost_utils.process_allgather(jax.tree_util.tree_map(padded, out))
+    try:
+        gathered = multihost_utils.process_allgather(jax.tree_util.tree_map(padded, out))
+    except Exception as exc:  # the collective's own error: a process is gone
+        raise ProcessLostError(
+            f"process {pop.process}: the other JAX processes' results did not come ({exc})"
+        ) from exc
     return jax.tree_util.tree_map(
         lambda a: jnp.asarray(a.reshape(k * m, *a.shape[2:])[: len(ids)]), gathered
     )
