@@ -75,15 +75,15 @@ def _run(
     from p2pfl.config.plan import sim_plan
     from p2pfl.sim.engine import RoundDone, simulate
 
-    if first:
-        clean_run_folder(out)
-        (out / "logs").mkdir(parents=True, exist_ok=True)
     if not first:
         logs.configure(None)  # the first process writes the run folder, its log included
-    elif not library:
-        logs.configure(out / "logs" / "sim.jsonl")
-    elif not structlog.is_configured():
-        logs.configure(out / "logs" / "sim.jsonl", level="debug", cache=False)
+    else:
+        clean_run_folder(out)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        if not library:
+            logs.configure(out / "logs" / "sim.jsonl")
+        elif not structlog.is_configured():
+            logs.configure(out / "logs" / "sim.jsonl", level="debug", cache=False)
     plan = sim_plan(scenario, out, model=model, data=data)
     progress = Progress(
         TextColumn(f"[bold]{scenario.name}[/] ({scenario.mode}, {scenario.peers} peers, sim)"),

@@ -263,11 +263,11 @@ def stored_or_exported(
     traced = functools.cache(lambda: jax.jit(fn))
     if settings is None or folder is None:
         return traced()
-    k = key(settings, name, args)
-    program = load(folder, k)
-    if program is None or len(program.out_avals) != out_tree.num_leaves:
-        program = export_flat(fn, args)
-        save(folder, k, program)
+    served = serve(settings, name, args, out_tree, traced, folder)
+    if served is not None:
+        return served
+    program = export_flat(fn, args)
+    save(folder, key(settings, name, args), program)
     return Program(traced, program, args, out_tree)
 
 

@@ -66,10 +66,10 @@ class Run:
     def __init__(self, plan: SimPlan, on_round: OnRound | None) -> None:
         self.plan, self.on_round = plan, on_round
         r = plan.run
-        self.files = jax.process_index() == 0  # a distributed run: the first process writes
+        self.pop = population.build(plan.learning, plan.chunk, plan.label_flips)
+        self.files = self.pop.process == 0  # a distributed run: the first process writes
         if self.files:
             r.out.mkdir(parents=True, exist_ok=True)
-        self.pop = population.build(plan.learning, plan.chunk, plan.label_flips)
         self.states = population.initial_states(self.pop, plan.learning)
         self.n = r.peers
         self.schedule = Schedule(self.n, plan.crashes, r.mode)
